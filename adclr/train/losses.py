@@ -1,0 +1,228 @@
+"""ADCLR losses: DINO's [CLS] loss, the query-token loss and iBOT's masked-patch loss.
+
+Each loss is teacher/student self-distillation with a centered, sharpened teacher. Every loss keeps
+its own center as a buffer (so `state_dict` and checkpoints hold it) and updates it as an EMA of the
+teacher outputs' mean over all processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class _CenteredDistillation(nn.Module):
+    """Center buffer, teacher/student distributions and the distributed center EMA shared by all losses."""
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """Centered, sharpened teacher distribution; never a gradient path."""
+        return F.softmax((teacher.detach() - self.center) / teacher_temp, dim=-1)
+
+    def student_log_probs(self, student: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(student / self.student_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """EMA of the mean teacher output over every row of every process (union of all batches).
+
+        Sum and row count are all-reduced together, so unequal per-rank batch sizes still give the
+        exact global mean; with no rows anywhere (e.g. r = 0 queries) the center is left unchanged.
+        """
+        tensors = [teacher_out] if isinstance(teacher_out, torch.Tensor) else list(teacher_out)
+        rows = torch.cat([t.detach().reshape(-1, self.out_dim).to(self.center.dtype) for t in tensors])
+        stats = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        total, count = stats[:-1], stats[-1]
+        updated = self.center * self.center_momentum + total / count.clamp(min=1) * (1 - self.center_momentum)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
+
+    def _check(self, name: str, tensors: Sequence[torch.Tensor], ndim: int) -> None:
+        if len(tensors) == 0:
+            raise ValueError(f"{type(self).__name__}: `{name}` is empty; pass one tensor per view.")
+        for i, t in enumerate(tensors):
+            if t.ndim != ndim or t.shape[-1] != self.out_dim:
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}[{i}]` has shape {tuple(t.shape)}, expected {ndim} dims ending in "
+                    f"out_dim={self.out_dim}; build the loss with the head's out_dim and pass one tensor per view."
+                )
+
+
+def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy averaged over rows and over all (teacher view a, student view b) pairs with a != b.
+
+    Views are indexed alike in both lists: the teacher's views are the first student views (the globals).
+    """
+    terms = [
+        -(q * logp).sum(-1).mean()
+        for a, q in enumerate(teacher_probs)
+        for b, logp in enumerate(student_log_probs)
+        if a != b
+    ]
+    if not terms:
+        raise ValueError(
+            f"no cross-view pair between {len(teacher_probs)} teacher view(s) and {len(student_log_probs)} student "
+            "view(s); pass at least two views (e.g. the 2 global views to both networks)."
+        )
+    return torch.stack(terms).mean()
+
+
+class DINOClsLoss(_CenteredDistillation):
+    """DINO's [CLS] loss: every teacher global view supervises every *other* student crop."""
+
+    def forward(
+        self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], teacher_temp: float
+    ) -> torch.Tensor:
+        """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
+        self._check("student_out", student_out, 2)
+        self._check("teacher_out", teacher_out, 2)
+        loss = _cross_view_ce(
+            [self.teacher_probs(t, teacher_temp) for t in teacher_out],
+            [self.student_log_probs(s) for s in student_out],
+        )
+        self.update_center(teacher_out)
+        return loss
+
+
+class QueryLoss(_CenteredDistillation):
+    """ADCLR's query loss: query i seen in view a (teacher) supervises query i seen in view b != a (student).
+
+    The same query crops ride along with every view, so the pairs are positives by construction.
+    """
+
+    def forward(
+        self, student_q: Sequence[torch.Tensor], teacher_q: Sequence[torch.Tensor], teacher_temp: float
+    ) -> torch.Tensor:
+        """`student_q`, `teacher_q`: (B, r, K) per view, the same r queries in the same order in every view."""
+        self._check("student_q", student_q, 3)
+        self._check("teacher_q", teacher_q, 3)
+        if len({t.shape[:2] for t in [*student_q, *teacher_q]}) != 1:
+            raise ValueError(
+                "QueryLoss: every view must carry the same (B, r) queries, got shapes "
+                f"{[tuple(t.shape) for t in [*student_q, *teacher_q]]}; append the same query crops to every view."
+            )
+        if student_q[0].shape[1] == 0:
+            # Mean over zero queries would be NaN; a zero that stays on the student's graph keeps backward uniform.
+            loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
+        else:
+            loss = _cross_view_ce(
+                [self.teacher_probs(t, teacher_temp) for t in teacher_q],
+                [self.student_log_probs(s) for s in student_q],
+            )
+        self.update_center(teacher_q)
+        return loss
+
+
+class IBOTPatchLoss(_CenteredDistillation):
+    """iBOT's masked-image-modelling loss: the teacher's patch tokens of the unmasked view supervise the
+    student's tokens at the masked positions of the *same* view.
+    """
+
+    def forward(
+        self,
+        student_patches: Sequence[torch.Tensor],
+        teacher_patches: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        teacher_temp: float,
+    ) -> torch.Tensor:
+        """`student_patches`, `teacher_patches`: (B, N, K) per global view; `masks`: (B, N) bool, True = masked.
+
+        Per image the loss is the mean over its masked patches (an image without any contributes 0), then
+        averaged over images and views.
+        """
+        self._check("student_patches", student_patches, 3)
+        self._check("teacher_patches", teacher_patches, 3)
+        if not len(student_patches) == len(teacher_patches) == len(masks):
+            raise ValueError(
+                f"IBOTPatchLoss: got {len(student_patches)} student, {len(teacher_patches)} teacher and {len(masks)} "
+                "mask entries; pass one of each per global view."
+            )
+        per_view = []
+        for s, t, m in zip(student_patches, teacher_patches, masks):
+            if s.shape != t.shape or m.shape != s.shape[:2] or m.dtype != torch.bool:
+                raise ValueError(
+                    f"IBOTPatchLoss: student {tuple(s.shape)}, teacher {tuple(t.shape)} and mask {tuple(m.shape)} "
+                    f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
+                )
+            # Only masked positions are scored, so softmaxes are computed for those rows alone.
+            ce = -(self.teacher_probs(t[m], teacher_temp) * self.student_log_probs(s[m])).sum(-1)
+            weight = (1.0 / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
+            per_view.append((ce * weight).sum() / m.shape[0])
+        self.update_center(teacher_patches)
+        return torch.stack(per_view).mean()
+
+
+class ADCLRLoss(nn.Module):
+    """`L = L_cls + lambda_q * L_query (+ lambda_patch * L_patch for the iBOT variant)`, each with its own center.
+
+    With zero queries (or none passed) the total equals plain DINO's loss.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        lambda_q: float = 1.0,
+        lambda_patch: float = 0.0,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.lambda_q = lambda_q
+        self.lambda_patch = lambda_patch
+        self.cls = DINOClsLoss(out_dim, student_temp, center_momentum)
+        self.query = QueryLoss(out_dim, student_temp, center_momentum)
+        self.patch = IBOTPatchLoss(out_dim, student_temp, center_momentum)
+
+    def forward(
+        self,
+        student_cls: Sequence[torch.Tensor],
+        teacher_cls: Sequence[torch.Tensor],
+        teacher_temp: float,
+        student_q: Sequence[torch.Tensor] | None = None,
+        teacher_q: Sequence[torch.Tensor] | None = None,
+        student_patches: Sequence[torch.Tensor] | None = None,
+        teacher_patches: Sequence[torch.Tensor] | None = None,
+        masks: Sequence[torch.Tensor] | None = None,
+        *,
+        query_teacher_temp: float | None = None,
+        patch_teacher_temp: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Returns {'loss', 'cls', 'query', 'patch'}; absent terms are 0. The query and patch teacher
+        temperatures default to `teacher_temp`.
+        """
+        if (student_q is None) != (teacher_q is None):
+            raise ValueError("ADCLRLoss: pass both `student_q` and `teacher_q`, or neither (no query loss).")
+        patch_inputs = (student_patches, teacher_patches, masks)
+        if any(x is None for x in patch_inputs) and not all(x is None for x in patch_inputs):
+            raise ValueError("ADCLRLoss: pass all of `student_patches`, `teacher_patches` and `masks`, or none of them.")
+        if self.lambda_patch and student_patches is None:
+            raise ValueError(
+                f"ADCLRLoss was built with lambda_patch={self.lambda_patch} (iBOT variant) but got no patch outputs; "
+                "pass student_patches, teacher_patches and masks, or build it with lambda_patch=0."
+            )
+
+        cls = self.cls(student_cls, teacher_cls, teacher_temp)
+        zero = cls.new_zeros(())
+        query = zero
+        if student_q is not None and teacher_q is not None:
+            query = self.query(student_q, teacher_q, teacher_temp if query_teacher_temp is None else query_teacher_temp)
+        loss = cls + self.lambda_q * query
+        patch = zero
+        if student_patches is not None and teacher_patches is not None and masks is not None:
+            t_temp = teacher_temp if patch_teacher_temp is None else patch_teacher_temp
+            patch = self.patch(student_patches, teacher_patches, masks, t_temp)
+            loss = loss + self.lambda_patch * patch
+        return {"loss": loss, "cls": cls, "query": query, "patch": patch}
