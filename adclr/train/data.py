@@ -1,0 +1,369 @@
+"""Training data for ADCLR: DINO multi-crop views, query crops of the raw image, a tolerant image folder.
+
+Every random draw goes through torch's generator (torchvision's transforms do too), so
+``torch.manual_seed`` alone makes a sample reproducible, and DataLoader workers get distinct streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolder",
+    "MultiCropAugmentation",
+    "QueryCropSampler",
+    "collate_multicrop",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+ImageLike = Image.Image | torch.Tensor
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; high bit depths are rescaled, because PIL's own convert clips them at 255.
+
+    'I;16*' is scaled from 0..65535; 'I' and 'F' from the smallest of 255 / 65535 (and 1.0 for 'F')
+    that covers the image's maximum. Alpha is dropped, as DINO and torchvision do.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}; open files with PIL.Image.open")
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            full_scale = 65535.0
+        else:
+            candidates = (1.0, 255.0, 65535.0) if image.mode == "F" else (255.0, 65535.0)
+            peak = float(values.max(initial=0.0))
+            full_scale = next((c for c in candidates if peak <= c), peak)
+        gray = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("P", "PA"):  # via RGBA so palette transparency is read, not warned about
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _normalizer(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """PIL / uint8 / [0, 1] float image -> normalised float32 tensor; shared by views and queries."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def _check_interval(name: str, interval: Sequence[float], low: float, high: float) -> tuple[float, float]:
+    lo, hi = (float(v) for v in interval)
+    if not low < lo <= hi <= high:
+        raise ValueError(
+            f"{name}={tuple(interval)} must satisfy {low} < min <= max <= {high}; pass e.g. {name}=(0.05, 0.25)"
+        )
+    return lo, hi
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return int(value)
+
+
+class QueryCropSampler:
+    """Cuts r random crops from the original image: the ADCLR query patches shared by all views.
+
+    Box sampling follows RandomResizedCrop (area fraction uniform in ``scale``, aspect ratio w/h
+    log-uniform in ``ratio``) but never falls back to the whole image: a side longer than the image
+    (only for images more elongated than about 3:1) is clamped to the image instead.
+    """
+
+    def __init__(
+        self,
+        num_queries: int = 10,
+        scale: Sequence[float] = (0.05, 0.25),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        size: int = 16,
+        photometric: Callable[[Any], Any] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+    ) -> None:
+        self.num_queries = _check_count("num_queries", num_queries, 0)
+        self.size = _check_count("size", size, 1)
+        self.scale = _check_interval("scale", scale, 0.0, 1.0)
+        self.ratio = _check_interval("ratio", ratio, 0.0, math.inf)
+        self.photometric = photometric
+        self.interpolation = interpolation
+        self.normalize = _normalizer(mean, std)
+
+    def sample_boxes(self, height: int, width: int) -> torch.Tensor:
+        """(r, 4) float boxes x1, y1, x2, y2 in pixels, x2/y2 exclusive (PIL's crop convention)."""
+        r = self.num_queries
+        area = torch.empty(r).uniform_(*self.scale) * (height * width)
+        aspect = torch.empty(r).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1])).exp()
+        w = (area * aspect).sqrt().round().clamp(1, width)
+        h = (area / aspect).sqrt().round().clamp(1, height)
+        x1 = (torch.rand(r) * (width - w + 1)).floor()
+        y1 = (torch.rand(r) * (height - h + 1)).floor()
+        return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+    def __call__(self, image: ImageLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """PIL image (any mode) or (3, H, W) tensor (uint8, or float in [0, 1]) -> crops (r, 3, s, s), boxes (r, 4)."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"query crops need a (3, H, W) image tensor, got shape {tuple(image.shape)}; "
+                    "repeat a gray channel with .expand(3, -1, -1) or pass a PIL image"
+                )
+        else:
+            image = to_rgb(image)
+        height, width = TF.get_size(image)
+        boxes = self.sample_boxes(height, width)
+        crops = [self._crop(image, box) for box in boxes.tolist()]
+        if not crops:
+            return torch.empty(0, 3, self.size, self.size), boxes
+        return torch.stack(crops), boxes
+
+    def _crop(self, image: ImageLike, box: list[float]) -> torch.Tensor:
+        x1, y1, x2, y2 = (int(v) for v in box)
+        crop = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [self.size, self.size], self.interpolation)
+        if self.photometric is not None:
+            crop = self.photometric(crop)
+        return self.normalize(crop).as_subclass(torch.Tensor)
+
+
+def _photometric(blur_p: float, solarize_p: float = 0.0) -> list[v2.Transform]:
+    """DINO's per-view photometric set; only the blur and solarize probabilities differ between views."""
+    sigma = (0.1, 2.0)
+    steps: list[v2.Transform] = [
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        # kernel covers +-3 sigma of the largest sigma
+        v2.RandomApply([v2.GaussianBlur(kernel_size=2 * math.ceil(3 * sigma[1]) + 1, sigma=sigma)], p=blur_p),
+    ]
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return steps
+
+
+class MultiCropAugmentation:
+    """One image -> 2 global views, ``num_local`` local views and the query crops they all share.
+
+    Views follow DINO: random resized crop (bicubic), flip, colour jitter (p=0.8), grayscale (p=0.2),
+    Gaussian blur with p=1.0 / 0.1 / 0.5 for global 1 / global 2 / locals, solarize (p=0.2) on global 2.
+    Query crops come from the unaugmented image, normalised with the same mean/std.
+    """
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        num_local: int = 8,
+        global_scale: Sequence[float] = (0.25, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.25),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_queries: int = 10,
+        query_size: int = 16,
+        query_scale: Sequence[float] = (0.05, 0.25),
+        query_photometric: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.num_local = _check_count("num_local", num_local, 0)
+        self.global_size = _check_count("global_size", global_size, 1)
+        self.local_size = _check_count("local_size", local_size, 1)
+        normalize = _normalizer(mean, std)
+
+        def view(size: int, scale: Sequence[float], name: str, **photometric: float) -> v2.Compose:
+            scale = _check_interval(name, scale, 0.0, 1.0)
+            crop = v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+            return v2.Compose([crop, *_photometric(**photometric), normalize])
+
+        self.global_views = [
+            view(global_size, global_scale, "global_scale", blur_p=1.0),
+            view(global_size, global_scale, "global_scale", blur_p=0.1, solarize_p=0.2),
+        ]
+        self.local_view = view(local_size, local_scale, "local_scale", blur_p=0.5)
+        self.query_sampler = QueryCropSampler(
+            num_queries, query_scale, size=query_size, photometric=query_photometric, mean=mean, std=std
+        )
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """-> {'global': (2, 3, G, G), 'local': (num_local, 3, L, L), 'queries': (r, 3, q, q)}."""
+        image = to_rgb(image)
+        queries, _ = self.query_sampler(image)
+        local = torch.empty(0, 3, self.local_size, self.local_size)
+        if self.num_local:
+            local = torch.stack([self.local_view(image) for _ in range(self.num_local)]).as_subclass(torch.Tensor)
+        return {
+            "global": torch.stack([view(image) for view in self.global_views]).as_subclass(torch.Tensor),
+            "local": local,
+            "queries": queries,
+        }
+
+
+def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-image dicts -> {'global': 2 x (B, 3, G, G), 'local': num_local x (B, 3, L, L), 'queries': (B, r, 3, q, q)}.
+
+    Views come out as lists so that a ViT can run each resolution as one batch, as DINO does.
+    default_collate stacks into shared memory inside DataLoader workers, saving a copy.
+    """
+    if not samples:
+        raise ValueError("collate_multicrop got an empty batch; use a DataLoader with batch_size >= 1")
+
+    def per_view(key: str) -> list[torch.Tensor]:
+        return [default_collate([s[key][v] for s in samples]) for v in range(len(samples[0][key]))]
+
+    return {
+        "global": per_view("global"),
+        "local": per_view("local"),
+        "queries": default_collate([s["queries"] for s in samples]),
+    }
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    """Fully decode now (PIL is lazy), so a truncated file fails here and not inside a transform."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+class ImageFolder(Dataset):
+    """Every image under ``root`` (any nesting, sorted by relative path); bad files are skipped, not fatal.
+
+    ``labels=None`` returns only the transformed image (self-supervised training);
+    ``labels='parent_dir'`` returns (image, class_index) where the class is the file's directory
+    relative to ``root`` (``classes`` is the sorted list of them; '.' for files directly in root).
+
+    An unreadable or truncated file makes ``__getitem__`` return the next readable file instead
+    (wrapping around), with one warning per bad file; ``bad_paths`` / ``num_skipped`` record them.
+    With DataLoader workers each worker holds its own copy of the dataset, so those records (and the
+    warnings) live in the workers and the main process's copy does not see them: call ``verify()``
+    before building the DataLoader to drop bad files up front and count them in one place.
+    """
+
+    LABEL_MODES = (None, "parent_dir")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        labels: str | None = None,
+    ) -> None:
+        if labels not in self.LABEL_MODES:
+            raise ValueError(f"labels={labels!r} is not supported; use one of {self.LABEL_MODES}")
+        self.root = Path(root)
+        self.transform = transform
+        self.labels = labels
+        self.extensions = tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions}))
+        self.paths = self._scan()
+        self.bad_paths: list[Path] = []
+        self._bad: set[Path] = set()
+        if labels == "parent_dir":
+            names = [p.parent.relative_to(self.root).as_posix() for p in self.paths]
+            self.classes = sorted(set(names))
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            self.targets = [self.class_to_idx[name] for name in names]
+
+    def _scan(self) -> list[Path]:
+        accepted = ", ".join(self.extensions)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist or is not a directory; expected images ({accepted}) under it"
+            )
+        found = [
+            Path(dirpath, name)
+            for dirpath, _, names in os.walk(self.root, followlinks=True)
+            for name in names
+            if os.path.splitext(name)[1].lower() in self.extensions
+        ]
+        if not found:
+            raise FileNotFoundError(
+                f"no images under {self.root} (searched recursively for {accepted}); "
+                "point root at the image folder or pass extensions=..."
+            )
+        return sorted(found, key=lambda p: p.relative_to(self.root).as_posix())
+
+    @property
+    def num_skipped(self) -> int:
+        """Distinct bad files found so far by ``__getitem__`` or ``verify()`` in this process."""
+        return len(self.bad_paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _mark_bad(self, path: Path, error: Exception, action: str) -> None:
+        self._bad.add(path)
+        self.bad_paths.append(path)
+        message = f"skipping unreadable image {path} ({type(error).__name__}: {error}); {action}"
+        warnings.warn(message, stacklevel=3)
+
+    def _all_bad_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"none of the {len(self.paths)} image files under {self.root} could be read "
+            f"(e.g. {self.bad_paths[0]}); check the files or point root at another folder"
+        )
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.paths)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for ImageFolder of {n} images")
+        for offset in range(n):
+            i = (index + offset) % n
+            path = self.paths[i]
+            if path in self._bad:
+                continue
+            try:
+                image = _load_rgb(path)
+            except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, EOFError, ...)
+                self._mark_bad(path, error, "using the next readable file; call ImageFolder.verify() to drop bad files")
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return (image, self.targets[i]) if self.labels else image
+        raise self._all_bad_error()
+
+    def verify(self, progress: bool = False) -> int:
+        """Decode every file now (PIL verify + full load); drop the bad ones with a warning; return how many.
+
+        Class indices are kept as assigned at construction, so they stay stable across runs.
+        """
+        keep: list[int] = []
+        for i, path in enumerate(tqdm(self.paths, desc=f"verifying {self.root}", disable=not progress)):
+            if path in self._bad:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+                _load_rgb(path)  # verify() leaves the file unusable and misses truncation: decode again
+            except Exception as error:  # see __getitem__
+                self._mark_bad(path, error, "dropped by verify()")
+            else:
+                keep.append(i)
+        dropped = len(self.paths) - len(keep)
+        if not keep:
+            raise self._all_bad_error()
+        self.paths = [self.paths[i] for i in keep]
+        if self.labels:
+            self.targets = [self.targets[i] for i in keep]
+        logger.info("ImageFolder.verify: %d of %d files under %s dropped", dropped, dropped + len(keep), self.root)
+        return dropped
