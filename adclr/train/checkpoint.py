@@ -1,0 +1,92 @@
+"""Training checkpoints: written atomically, loaded with `weights_only=True`, holding everything `--resume` needs.
+
+Layout: {'student', 'teacher': SSLNetwork state dicts ('backbone.<timm key>', 'head.*', 'mask_token'), 'optimizer',
+'scaler', 'loss' (the centers), 'epoch' (epochs completed), 'step', 'rng', 'config'}.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a step draws from (torch CPU/CUDA, Python, NumPy), in types `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {path}: pass the checkpoint.pth inside a run's --output "
+                                "(or, for --resume, the --output of the run to continue).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e}). If it is a "
+                           "truncated copy, restore it from the run folder; foreign checkpoints go through "
+                           "`adclr convert`.") from None
+    missing = {"student", "teacher", "config", "epoch"} - set(checkpoint)
+    if missing:
+        raise RuntimeError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
+                           "through `adclr convert`.")
+    return checkpoint
+
+
+def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> dict[str, Any]:
+    """The teacher backbone of a training checkpoint as a plain timm model folder (see `adclr.export`)."""
+    from ..export import export_model
+    from .config import TrainConfig
+    from .network import build_backbone
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = TrainConfig.from_dict(checkpoint["config"])
+    backbone = build_backbone(cfg, dynamic_img_size=False)
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)}
+    backbone.load_state_dict(state, strict=True)
+    card.setdefault("source", f"adclr train ({cfg.variant}, {cfg.num_queries} queries, {checkpoint['epoch']} epochs, "
+                              f"data {cfg.data})")
+    card.setdefault("name", f"{cfg.arch} (ADCLR-{cfg.variant.upper()})")
+    return export_model(backbone.eval(), out_dir, **card)

@@ -1,0 +1,97 @@
+"""Training configuration: every knob of a run in one JSON-serialisable dataclass (saved in each checkpoint).
+
+Defaults follow METHOD.md: DINO's ViT-S/16 recipe plus ADCLR's query settings, each configurable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .queries import QUERY_ATTENDS, QUERY_POS
+
+VARIANTS = ("dino", "ibot")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    output: str = "runs/adclr"
+    arch: str = "adclr_vit_small"
+    img_size: int = 224
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model args (depth, patch_size, ...)
+    variant: str = "dino"
+    # ADCLR queries
+    num_queries: int = 10
+    query_size: int | None = None          # None: the backbone's patch size (one token per query)
+    query_scale: tuple[float, float] = (0.05, 0.25)
+    query_attends: str = "self"
+    query_pos: str = "none"
+    local_queries: bool = False            # also append the queries to the student's local crops
+    lambda_q: float = 1.0
+    bidirectional_ablation: bool = False   # image tokens read queries too: a known collapse route, ablation only
+    # iBOT variant
+    lambda_patch: float = 1.0
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    # multi-crop
+    local_crops: int = 8
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    # head and loss
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 64                   # per process
+    lr: float = 5e-4                       # at batch 256 (scaled linearly with the global batch)
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0
+    freeze_last_layer: int = 1
+    drop_path: float = 0.1
+    precision: str = "auto"                # auto: bf16 on CUDA when supported, else fp16 with a scaler; fp32 on CPU
+    # run
+    seed: int = 0
+    workers: int = 4
+    save_every: int = 1
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.query_scale = tuple(self.query_scale)
+        self.global_scale = tuple(self.global_scale)
+        self.local_scale = tuple(self.local_scale)
+        self.mask_ratio = tuple(self.mask_ratio)
+        checks = [
+            (self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}"),
+            (self.query_attends in QUERY_ATTENDS, f"query_attends must be one of {QUERY_ATTENDS}, got {self.query_attends!r}"),
+            (self.query_pos in QUERY_POS, f"query_pos must be one of {QUERY_POS}, got {self.query_pos!r}"),
+            (self.num_queries >= 0, f"num_queries must be >= 0, got {self.num_queries}"),
+            (self.local_crops >= 0, f"local_crops must be >= 0, got {self.local_crops}"),
+            (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown setting(s) {unknown}; known: {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,299 @@
+"""The training loop: EMA teacher, per-iteration schedules, mixed precision, checkpoints, resume, DDP.
+
+One step: the teacher sees the two global views (with the query tokens), the student sees every crop (queries on the
+globals, iBOT masks in that variant), `ADCLRLoss` compares them, AdamW updates the student, the teacher follows by EMA.
+Launch several processes with `torchrun`; each reads RANK / WORLD_SIZE / LOCAL_RANK from the environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import resolve_model_data_config
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
+from .config import TrainConfig
+from .data import ImageFolder, MultiCropAugmentation, collate_multicrop
+from .heads import cancel_last_layer_gradients
+from .losses import ADCLRLoss
+from .masking import block_masks
+from .network import SSLNetwork, build_network
+from .schedules import cosine_schedule, teacher_temp_schedule
+
+_logger = logging.getLogger(__name__)
+
+#: Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"data", "output", "workers", "log_every", "save_every"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only, never on biases or 1-D parameters (norms, scales)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on GPU); (0, 1, device) when run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    choice = cfg.precision
+    if device.type != "cuda":
+        if choice in ("bf16", "fp16"):
+            raise ValueError(f"precision {choice} needs a CUDA device; on CPU use --precision fp32 (or auto).")
+        return None, False
+    if choice == "auto":
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice], choice == "fp16"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+               if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(v)}
+    if changed:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"--resume with settings that differ from the checkpoint's ({detail}); resume with the "
+                         "original settings or start a new --output.")
+
+
+class Trainer:
+    """Holds one run's state; `fit()` trains until `cfg.epochs` (or `until_epoch`) and returns the teacher."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world, self.device = _distributed()
+        self.output = Path(cfg.output)
+        self.is_main = self.rank == 0
+        _seed_everything(cfg.seed)
+
+        self.student = build_network(cfg, drop_path=cfg.drop_path).to(self.device)
+        self.teacher = build_network(cfg).to(self.device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.student_ddp = (DistributedDataParallel(self.student, device_ids=[self.device] if self.device.type == "cuda"
+                                                    else None) if self.world > 1 else self.student)
+        self.loss = ADCLRLoss(cfg.out_dim, lambda_q=cfg.lambda_q,
+                              lambda_patch=cfg.lambda_patch if cfg.variant == "ibot" else 0.0,
+                              student_temp=cfg.student_temp).to(self.device)
+        self.autocast_dtype, needs_scaler = _precision(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+
+        self.dataset, self.sampler, self.loader = self._data()
+        iters = len(self.loader)
+        batch = cfg.batch_size * self.world
+        self.lr = cosine_schedule(cfg.lr * batch / 256, cfg.min_lr, cfg.epochs, iters, cfg.warmup_epochs)
+        self.wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters)
+        self.momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, iters)
+        self.teacher_temp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                                  cfg.warmup_teacher_temp_epochs, cfg.epochs, iters)
+        self.epoch, self.step = 0, 0
+        if resume:
+            self._resume()
+
+    def _data(self):
+        cfg = self.cfg
+        backbone = self.student.backbone
+        data_cfg = resolve_model_data_config(backbone)
+        patch = backbone.patch_embed.patch_size[0]
+        transform = MultiCropAugmentation(
+            global_size=cfg.img_size, local_size=cfg.local_size, num_local=cfg.local_crops,
+            global_scale=cfg.global_scale, local_scale=cfg.local_scale, mean=data_cfg["mean"], std=data_cfg["std"],
+            num_queries=cfg.num_queries, query_size=cfg.query_size or patch, query_scale=cfg.query_scale)
+        dataset = ImageFolder(cfg.data, transform=transform)
+        dropped = dataset.verify()
+        if dropped and self.is_main:
+            _logger.warning("skipped %d unreadable image(s) under %s", dropped, cfg.data)
+        if len(dataset) < cfg.batch_size * self.world:
+            raise ValueError(f"{cfg.data} has {len(dataset)} readable images, fewer than one global batch "
+                             f"({cfg.batch_size} x {self.world} processes); lower --batch-size or add images.")
+        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                            collate_fn=collate_multicrop, drop_last=True, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        return dataset, sampler, loader
+
+    def _resume(self) -> None:
+        checkpoint = load_checkpoint(self.output / CHECKPOINT_NAME)
+        _check_resumable(checkpoint["config"], self.cfg)
+        self.student.load_state_dict(checkpoint["student"])
+        self.teacher.load_state_dict(checkpoint["teacher"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.loss.load_state_dict(checkpoint["loss"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        restore_rng(checkpoint["rng"][self.rank] if isinstance(checkpoint["rng"], list) else checkpoint["rng"])
+        if self.is_main:
+            _logger.info("resumed from %s at epoch %d, step %d", self.output / CHECKPOINT_NAME, self.epoch, self.step)
+
+    def _save(self) -> None:
+        rng = capture_rng()
+        if self.world > 1:  # every rank's RNG, so each resumes its own stream
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        if not self.is_main:
+            return
+        save_atomic({
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "loss": self.loss.state_dict(), "epoch": self.epoch, "step": self.step, "rng": rng,
+            "config": self.cfg.to_dict(),
+        }, self.output / CHECKPOINT_NAME)
+
+    def _masks(self, batch_size: int, grid: tuple[int, int]) -> list[torch.Tensor] | None:
+        """iBOT's block-wise masks for each global view; an image is masked with probability `mask_probability`."""
+        if self.cfg.variant != "ibot":
+            return None
+        masks = []
+        for _ in range(2):
+            m = block_masks(batch_size, grid, mask_ratio=self.cfg.mask_ratio)
+            keep = torch.rand(batch_size) < self.cfg.mask_probability
+            masks.append((m & keep[:, None, None]).flatten(1).to(self.device))
+        return masks
+
+    def _train_step(self, batch: dict) -> dict[str, float]:
+        cfg, s = self.cfg, self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[s])
+            if group["apply_wd"]:
+                group["weight_decay"] = float(self.wd[s])
+        globals_ = [v.to(self.device, non_blocking=True) for v in batch["global"]]
+        locals_ = [v.to(self.device, non_blocking=True) for v in batch["local"]]
+        queries = batch["queries"].to(self.device, non_blocking=True) if cfg.num_queries else None
+        patch = self.student.backbone.patch_embed.patch_size
+        grid = (globals_[0].shape[-2] // patch[0], globals_[0].shape[-1] // patch[1])
+        masks = self._masks(globals_[0].shape[0], grid)
+        query_kw = dict(query_attends=cfg.query_attends, query_pos=cfg.query_pos,
+                        bidirectional_ablation=cfg.bidirectional_ablation)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            with torch.no_grad():
+                teacher = self.teacher(globals_, queries, patch_outputs=masks is not None, **query_kw)
+            student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=cfg.local_queries,
+                                       patch_outputs=masks is not None, **query_kw)
+            with_q = queries is not None
+            terms = self.loss(student["cls"], teacher["cls"], float(self.teacher_temp[s]),
+                              student["query"] if with_q else None, teacher["query"] if with_q else None,
+                              student["patch"] if masks else None, teacher["patch"] if masks else None, masks)
+        loss = terms["loss"]
+        finite = torch.isfinite(loss.detach()).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise NonFiniteLossError(
+                f"loss is {float(loss.detach())} at epoch {self.epoch}, step {s} "
+                f"({ {k: float(v.detach()) for k, v in terms.items()} }); "
+                f"training stopped and the last good checkpoint {self.output / CHECKPOINT_NAME} was kept. Lower --lr, "
+                "lengthen --warmup-epochs, or train with --precision fp32, then --resume.")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad)
+        if self.epoch < cfg.freeze_last_layer:
+            cancel_last_layer_gradients(self.student)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        ema_update(self.teacher, self.student, float(self.momentum[s]))
+        self.step += 1
+        return {k: float(v.detach()) for k, v in terms.items()} | {
+            "lr": float(self.lr[s]), "wd": float(self.wd[s]), "momentum": float(self.momentum[s]),
+            "teacher_temp": float(self.teacher_temp[s])}
+
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.output / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self, until_epoch: int | None = None) -> SSLNetwork:
+        """Train from the current epoch to `cfg.epochs` (or stop after `until_epoch` epochs, e.g. for a time slot)."""
+        cfg = self.cfg
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        last = min(cfg.epochs, until_epoch if until_epoch is not None else cfg.epochs)
+        images_per_step = cfg.batch_size * self.world
+        for epoch in range(self.epoch, last):
+            self.sampler.set_epoch(epoch)
+            self.student.train()
+            totals: dict[str, float] = {}
+            start = time.perf_counter()
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main, leave=False)
+            for i, batch in enumerate(bar):
+                t0 = time.perf_counter()
+                record = self._train_step(batch)
+                record["images_per_s"] = images_per_step / (time.perf_counter() - t0)
+                totals = {k: totals.get(k, 0.0) + record[k] for k in ("loss", "cls", "query", "patch")}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", q=f"{record['query']:.4f}")
+                if i % cfg.log_every == 0:
+                    self._log({"epoch": epoch, "step": self.step} | record)
+            self.epoch = epoch + 1
+            seconds = time.perf_counter() - start
+            n = len(self.loader)
+            summary = {"epoch_end": self.epoch, "step": self.step, "seconds": round(seconds, 3),
+                       "images_per_s": n * images_per_step / seconds} | {k: v / n for k, v in totals.items()}
+            self._log(summary)
+            if self.is_main:
+                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs, json.dumps(summary))
+            if self.epoch % cfg.save_every == 0 or self.epoch == last:
+                self._save()
+        return self.teacher
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, until_epoch: int | None = None) -> SSLNetwork:
+    """Train (or continue, with `resume`) a run and return the teacher network."""
+    return Trainer(cfg, resume=resume).fit(until_epoch)

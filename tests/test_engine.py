@@ -1,0 +1,163 @@
+"""The training loop on tiny ViTs and a small folder of real photos (scikit-image's samples), on the CPU."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from skimage import data as skdata
+
+from adclr.train import NonFiniteLossError, TrainConfig, Trainer, train
+from adclr.train.checkpoint import CHECKPOINT_NAME, export_teacher, load_checkpoint, save_atomic
+from adclr.train.heads import DINOHead
+
+TINY = dict(arch="test_vit", img_size=32, model_kwargs={"patch_size": 8}, local_crops=2, local_size=16,
+            num_queries=3, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, batch_size=4, workers=0,
+            warmup_epochs=1, warmup_teacher_temp_epochs=1, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """16 random 96 px crops of four scikit-image sample photos, in nested folders, plus one unreadable file."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+    for i in range(16):
+        photo = photos[i % 4]
+        y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+        sub = root / f"part{i % 2}"
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(photo[y:y + 96, x:x + 96]).save(sub / f"{i:02d}.png")
+    (root / "part0" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def _cfg(folder: Path, output: Path, **overrides) -> TrainConfig:
+    return TrainConfig(data=str(folder), output=str(output), **{**TINY, "epochs": 2, **overrides})
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_parameters_equal_dino(photo_folder, tmp_path):
+    trainer = Trainer(_cfg(photo_folder, tmp_path))
+    backbone = timm.create_model("test_vit", num_classes=0, img_size=32, patch_size=8)
+    head = DINOHead(backbone.embed_dim, 64, hidden_dim=64, bottleneck_dim=32)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert count(trainer.student) == count(backbone) + count(head)
+    assert sum(p.numel() for p in trainer.teacher.parameters()) == sum(p.numel() for p in trainer.student.parameters())
+
+
+def test_steps_on_a_fixed_batch_lower_the_loss(photo_folder, tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg(photo_folder, tmp_path, lr=2e-3, warmup_epochs=0, momentum_teacher=0.9,
+                           freeze_last_layer=0, epochs=1))
+    batch = next(iter(trainer.loader))
+    losses = []
+    for _ in range(25):
+        trainer.step = 0  # hold the schedules still: this checks the optimisation, not the schedule
+        losses.append(trainer._train_step(batch)["loss"])
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+
+
+def test_resume_continues_exactly(photo_folder, tmp_path):
+    straight = train(_cfg(photo_folder, tmp_path / "straight"))
+    _ = train(_cfg(photo_folder, tmp_path / "interrupted"), until_epoch=1)
+    assert load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)["epoch"] == 1
+    resumed = train(_cfg(photo_folder, tmp_path / "interrupted"), resume=True)
+    assert _states_equal(straight.state_dict(), resumed.state_dict())
+    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    b = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    assert _states_equal(a["student"], b["student"]) and _states_equal(a["loss"], b["loss"])
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
+
+
+def test_resume_refuses_changed_settings(photo_folder, tmp_path):
+    train(_cfg(photo_folder, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"num_queries: checkpoint 3 vs now 5"):
+        Trainer(_cfg(photo_folder, tmp_path, epochs=1, num_queries=5), resume=True)
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        Trainer(_cfg(photo_folder, tmp_path / "elsewhere"), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photo_folder, tmp_path):
+    train(_cfg(photo_folder, tmp_path / "good", epochs=1))
+    checkpoint = load_checkpoint(tmp_path / "good" / CHECKPOINT_NAME)
+    checkpoint["config"]["epochs"] = 2
+    checkpoint["student"]["backbone.patch_embed.proj.weight"].fill_(float("nan"))  # a diverged student
+    path = tmp_path / "diverged" / CHECKPOINT_NAME
+    save_atomic(checkpoint, path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, step 4 .*last good checkpoint"):
+        train(_cfg(photo_folder, tmp_path / "diverged"), resume=True)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("variant, num_queries", [("dino", 0), ("ibot", 3)])
+def test_variants_log_their_loss_terms(photo_folder, tmp_path, variant, num_queries):
+    train(_cfg(photo_folder, tmp_path, epochs=1, variant=variant, num_queries=num_queries))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "epoch_end" not in r]
+    assert len(steps) == 4 and all(np.isfinite(r["loss"]) for r in steps)
+    assert all((r["query"] == 0) == (num_queries == 0) for r in steps)
+    assert all((r["patch"] > 0) == (variant == "ibot") for r in steps[1:])  # step 0 may draw no masked image
+    assert {"lr", "wd", "momentum", "teacher_temp", "images_per_s"} <= steps[0].keys()
+    loss_state = load_checkpoint(tmp_path / CHECKPOINT_NAME)["loss"]
+    assert {"cls.center", "query.center", "patch.center"} <= loss_state.keys()
+    assert ("mask_token" in load_checkpoint(tmp_path / CHECKPOINT_NAME)["student"]) == (variant == "ibot")
+
+
+def test_export_round_trip_into_timm(photo_folder, tmp_path):
+    teacher = train(_cfg(photo_folder, tmp_path / "run", epochs=1, variant="ibot")).eval()
+    info = export_teacher(tmp_path / "run" / CHECKPOINT_NAME, tmp_path / "export")
+    model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    assert info["architecture"] == "test_vit" and "mask_token" not in model.state_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), teacher.backbone.forward_features(x), atol=1e-6)
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    teacher = train(TrainConfig.from_dict(cfg_dict))
+    torch.save(teacher.state_dict(), Path(out) / f"teacher{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_run_ends_with_identical_weights(photo_folder, tmp_path):
+    from conftest import _free_port
+
+    cfg = _cfg(photo_folder, tmp_path / "run", epochs=1, batch_size=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    t0 = torch.load(tmp_path / "teacher0.pt", weights_only=True)
+    t1 = torch.load(tmp_path / "teacher1.pt", weights_only=True)
+    assert _states_equal(t0, t1)
+    checkpoint = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2  # 16 images / (2 x 2) per step; one RNG per rank
+    assert _states_equal(checkpoint["teacher"], t0)
+
+
+def test_torchrun_command_line(photo_folder, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "adclr.train", "--data", str(photo_folder),
+           "--output", str(tmp_path), "--arch", "test_vit", "--img-size", "32", "--model-kwargs", '{"patch_size": 8}',
+           "--num-queries", "2", "--local-crops", "1", "--local-size", "16", "--out-dim", "32", "--head-hidden-dim",
+           "32", "--head-bottleneck-dim", "16", "--epochs", "1", "--batch-size", "2", "--workers", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["num_queries"] == 2 and len(checkpoint["rng"]) == 2
