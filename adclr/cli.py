@@ -29,7 +29,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--num-queries for num_queries), so the CLI and the config never drift apart."""
     import dataclasses
-    import json
 
     from .train.config import TrainConfig
 
@@ -41,7 +40,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         elif isinstance(default, tuple):
             p.add_argument(flag, type=float, nargs=2, default=default, metavar=("LOW", "HIGH"))
         elif isinstance(default, dict):
-            p.add_argument(flag, type=json.loads, default=default, metavar="JSON",
+            p.add_argument(flag, type=_json_object, default=default, metavar="JSON",
                            help='extra timm.create_model arguments, e.g. \'{"depth": 6, "patch_size": 8}\'')
         elif f.name == "query_size":
             p.add_argument(flag, type=int, default=None, help="query crop size in pixels (default: the patch size)")
@@ -80,10 +79,184 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); write e.g. '{{\"depth\": 6}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 6}'")
+    return value
+
+
+def _metric(text: str) -> tuple[str, object]:
+    """NAME=VALUE; the value is read as a number when it is one."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not (name and sep and value):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. knn_top1=74.2), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _add_card_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--description", default="", help="one line about the weights")
+    p.add_argument("--source", default="", help="how the weights were made (paper, run, original file)")
+    p.add_argument("--metric", type=_metric, action="append", default=[], metavar="NAME=VALUE",
+                   help="a result to list, repeatable (e.g. --metric knn_top1=74.2)")
+
+
+def _user_error(command: str, error: Exception) -> int:
+    print(f"adclr {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint: .pth/.pt (read with weights_only=True) or .safetensors")
+    p.add_argument("--arch", required=True, help="timm architecture, e.g. adclr_vit_small or vit_base_patch16_224")
+    p.add_argument("--out", required=True, help="folder to write: model.safetensors, config.json, README.md")
+    p.add_argument("--key", default="teacher",
+                   help="network of a training checkpoint: teacher (default) or student; ignored for bare state dicts")
+    p.add_argument("--img-size", type=int,
+                   help="input size of the converted model (default: the arch's); the position embedding is resampled")
+    p.add_argument("--dino-interpolation", action="store_true",
+                   help="resample the position embedding as DINO does at run time (bicubic, scale factor + 0.1)")
+    p.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
+                   help='extra timm model kwargs, e.g. \'{"depth": 6}\'')
+    p.add_argument("--license", default="apache-2.0", help="license of the weights (default apache-2.0)")
+    _add_card_args(p)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a DINO/iBOT/ADCLR or timm checkpoint into a folder that plain timm loads."""
+    from .convert import convert_checkpoint
+
+    try:
+        info = convert_checkpoint(args.src, args.arch, args.out, key=args.key,
+                                  dino_interpolation=args.dino_interpolation, img_size=args.img_size,
+                                  license=args.license, description=args.description, source=args.source,
+                                  metrics=dict(args.metric), **args.model_args)
+    except (ValueError, FileNotFoundError) as e:
+        return _user_error("convert", e)
+    print(f"wrote {args.out}: timm {info['architecture']}, {_megabytes(info['size_bytes'])}, sha256 {info['sha256']}")
+    print(f"check it: timm.create_model('local-dir:{args.out}', pretrained=True); publish it: "
+          f"adclr publish {args.out} --repo ORG/NAME")
+    return 0
+
+
+def add_publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a folder written by `adclr convert` or adclr.export.export_model")
+    p.add_argument("--repo", required=True, help="Hub repo ORG/NAME")
+    p.add_argument("--revision", help="40-hex commit id the folder was pushed as (without --push)")
+    p.add_argument("--push", action="store_true",
+                   help="upload with huggingface_hub.upload_folder (token: HF_TOKEN or `huggingface-cli login`)")
+    p.add_argument("--name", help="manifest entry name arch.tag (default: the ADCLR arch, tagged by the repo name)")
+    _add_card_args(p)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Validate an exported folder, optionally push it, and print its weights_manifest/weights.toml entry."""
+    from .publish import publish
+
+    try:
+        entry = publish(args.folder, args.repo, name=args.name, revision=args.revision, push=args.push,
+                        description=args.description, source=args.source, metrics=dict(args.metric))
+    except ValueError as e:
+        return _user_error("publish", e)
+    print(f"{args.folder} loads with plain timm; add this entry to weights_manifest/weights.toml:", file=sys.stderr)
+    print(entry, end="")
+    return 0
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME", help="manifest entries arch.tag to check (default: all)")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Download (or read from cache) manifest weights and check each sha256; non-zero exit on any failure."""
+    from .publish import verify
+
+    try:
+        checks = verify(args.names)
+    except ValueError as e:
+        return _user_error("verify", e)
+    for check in checks:
+        print(f"{check.status:<8}  {check.name}  {check.detail}")
+    failed = sum(not check.ok for check in checks)
+    print(f"{len(checks)} checked, {len(checks) - failed} ok, {failed} failed" if checks
+          else "the weights manifest lists no entries")
+    return 1 if failed else 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=("knn", "linear", "seg"),
+                   help="knn: DINO weighted k-NN; linear: linear probe; seg: 1x1 linear probe on patch maps")
+    p.add_argument("--model", required=True,
+                   help="timm name (with --pretrained for its weights), local-dir:PATH, hf-hub:ORG/REPO, or a "
+                        "training checkpoint .pth")
+    p.add_argument("--pretrained", action="store_true", help="load the timm name's pretrained weights")
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist (knn/linear, the default), fashion-scenes (seg, the default), or an image "
+                        "folder ROOT with train/ and val/ class sub-folders (knn/linear)")
+    p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST idx files "
+                                                     "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="feed images at this size (default: the model's fixed input size)")
+    p.add_argument("--limit-train", type=int, default=None, help="seeded random subset of the training images")
+    p.add_argument("--limit-test", type=int, default=None, help="seeded random subset of the test images")
+    p.add_argument("--n-train", type=int, default=2000, help="seg: training scenes")
+    p.add_argument("--n-test", type=int, default=500, help="seg: test scenes")
+    p.add_argument("--scene-size", type=int, default=64, help="seg: scene side in pixels")
+    p.add_argument("--k", type=int, default=20, help="knn: neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default 100 linear, 50 seg)")
+    p.add_argument("--lr", type=float, default=None, help="probe learning rate (default 1e-3 linear, 1e-2 seg)")
+    p.add_argument("--weight-decay", type=float, default=None, help="probe weight decay (default 1e-4)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the record to this file")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a backbone's frozen features: k-NN, linear probe, or dense segmentation probe."""
+    import json
+    from pathlib import Path
+
+    from .evaluate import evaluate
+
+    record = evaluate(
+        args.model, args.task, args.data, pretrained=args.pretrained, data_root=args.data_root,
+        image_size=args.image_size, limit_train=args.limit_train, limit_test=args.limit_test, n_train=args.n_train,
+        n_test=args.n_test, scene_size=args.scene_size, k=args.k, temperature=args.temperature, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, seed=args.seed)
+    scores = (f"mIoU {record['miou']:.2f}%  pixel acc {record['pixel_acc']:.2f}%" if args.task == "seg"
+              else f"top-1 {record['top1']:.2f}%")
+    print(f"{args.task} {scores}  ({record['model']} on {record['data']}, {record['n_train']} train / "
+          f"{record['n_test']} test, {record['seconds']:.1f} s)")
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None] | None]] = {
     "models": (cmd_models, None),
     "train": (cmd_train, add_train_args),
     "export": (cmd_export, add_export_args),
+    "convert": (cmd_convert, add_convert_args),
+    "publish": (cmd_publish, add_publish_args),
+    "verify": (cmd_verify, add_verify_args),
+    "eval": (cmd_eval, add_eval_args),
 }
 
 

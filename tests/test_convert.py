@@ -1,0 +1,302 @@
+"""Checkpoint conversion against an independent, plainly written DINO-style ViT (DINO's key names and layouts)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import adclr  # noqa: F401  registers the adclr archs
+from adclr.convert import convert_checkpoint, load_checkpoint, to_timm_state_dict
+
+TINY = dict(embed_dim=64, depth=2, num_heads=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference: DINO's ViT (pre-norm blocks, qkv bias, LayerNorm eps 1e-6, exact GELU), written out step by step.
+# ----------------------------------------------------------------------------------------------------------------------
+class RefAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(x).split(c, dim=-1)
+        outputs = []
+        for h in range(self.heads):
+            qh, kh, vh = (t[..., h * d:(h + 1) * d] for t in (q, k, v))
+            weights = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1)
+            outputs.append(weights @ vh)
+        return self.proj(torch.cat(outputs, dim=-1))
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RefAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = RefMlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class RefPatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+
+class DinoViT(nn.Module):
+    """Returns the normed [CLS] + patch tokens (B, 1 + N, C), like DINO's get_intermediate_layers(x, 1)[0]."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, patch: int = 16, img_size: int = 224):
+        super().__init__()
+        self.patch = patch
+        self.patch_embed = RefPatchEmbed(embed_dim, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, embed_dim))
+        self.blocks = nn.ModuleList(RefBlock(embed_dim, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def pos_encoding(self, rows: int, cols: int):
+        """DINO's interpolate_pos_encoding: bicubic with scale factors (rows + 0.1) / side, (cols + 0.1) / side."""
+        n = self.pos_embed.shape[1] - 1
+        if rows * cols == n and rows == cols:
+            return self.pos_embed
+        side = int(math.sqrt(n))
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+        assert grid.shape[-2:] == (rows, cols)
+        patches = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+        return torch.cat([self.pos_embed[:, :1], patches], dim=1)
+
+    def forward(self, x):
+        rows, cols = x.shape[2] // self.patch, x.shape[3] // self.patch
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = tokens + self.pos_encoding(rows, cols)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+
+def random_dino_vit(seed: int, **dims) -> DinoViT:
+    """Random weights at scales that keep activations O(1), so every tensor matters in the outputs."""
+    torch.manual_seed(seed)
+    model = DinoViT(**dims).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ("cls_token", "pos_embed"):
+                p.normal_(0, 1.0)
+            elif p.ndim >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def dino_head(prefix: str, dim: int, parametrized: bool) -> dict[str, torch.Tensor]:
+    """DINO's projection head keys; the last layer is weight-normed (old weight_g/v or new parametrizations names)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"mlp.0.weight": (32, dim), "mlp.0.bias": (32,), "mlp.2.weight": (32, 32), "mlp.2.bias": (32,),
+              "mlp.4.weight": (16, 32), "mlp.4.bias": (16,)}
+    head = {f"{prefix}{name}": torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    last = ("parametrizations.weight.original0", "parametrizations.weight.original1") if parametrized \
+        else ("weight_g", "weight_v")
+    head[f"{prefix}last_layer.{last[0]}"] = torch.ones(100, 1)
+    head[f"{prefix}last_layer.{last[1]}"] = torch.randn(100, 16, generator=g)
+    return head
+
+
+def dino_checkpoint(teacher: DinoViT, student: DinoViT) -> dict:
+    """DINO's main_dino.py save_dict: teacher unwrapped, student DDP-wrapped (`module.`), plus iBOT's masked_embed."""
+    dim = teacher.pos_embed.shape[-1]
+    return {
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+                    "backbone.masked_embed": torch.randn(dim), **dino_head("head.", dim, parametrized=False)},
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                    **dino_head("module.head.", dim, parametrized=True)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1]}]},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=100),
+        "dino_loss": {"center": torch.zeros(1, 100)},
+    }
+
+
+@pytest.fixture(scope="module")
+def dino_pair():
+    return random_dino_vit(0, **TINY), random_dino_vit(1, **TINY)
+
+
+@pytest.fixture(scope="module")
+def dino_ckpt(dino_pair, tmp_path_factory):
+    path = tmp_path_factory.mktemp("dino") / "checkpoint.pth"
+    torch.save(dino_checkpoint(*dino_pair), path)
+    return path
+
+
+def _images(size: int, batch: int = 2):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(5))
+
+
+def _tiny_timm(**kwargs):
+    return timm.create_model("vit_small_patch16_224", num_classes=0, **{**TINY, **kwargs}).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def test_dino_training_checkpoint_round_trip_through_local_dir(dino_pair, dino_ckpt, tmp_path):
+    info = convert_checkpoint(dino_ckpt, "adclr_vit_small", tmp_path, **TINY)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch16_224" and config["model_args"]["embed_dim"] == 64
+    assert info["architecture"] == "vit_small_patch16_224"
+    card = (tmp_path / "README.md").read_text()
+    assert "checkpoint.pth" in card and "'teacher' network" in card and "license: apache-2.0" in card
+
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = _images(224)
+    with torch.no_grad():
+        expected, actual = dino_pair[0](x), loaded.forward_features(x)
+    assert actual.shape == (2, 197, 64)
+    assert (actual - expected).abs().max() < 1e-4  # [CLS] and patch tokens
+
+
+def test_student_key_picks_the_student(dino_pair, dino_ckpt):
+    obj = load_checkpoint(dino_ckpt)
+    for key, network in zip(("teacher", "student"), dino_pair):
+        state = to_timm_state_dict(obj, _tiny_timm(), key=key)
+        reference = network.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_adclr_training_layout_with_compile_prefixes_and_mask_token():
+    torch.manual_seed(0)
+    source = _tiny_timm()
+    backbone = source.state_dict()
+    obj = {"student": {**{f"backbone._orig_mod.{k}": v + 1 for k, v in backbone.items()}, "head.mlp.0.weight":
+                       torch.ones(3, 64)},
+           "teacher": {**{f"_orig_mod.backbone.{k}": v for k, v in backbone.items()}, "mask_token": torch.zeros(1, 64),
+                       "head.last_layer.weight_v": torch.ones(5, 64)},
+           "epoch": 1}
+    teacher = to_timm_state_dict(obj, _tiny_timm())
+    student = to_timm_state_dict(obj, _tiny_timm(), key="student")
+    assert teacher.keys() == student.keys() == backbone.keys()
+    assert all(torch.equal(teacher[k], v) and torch.equal(student[k], v + 1) for k, v in backbone.items())
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_released_backbone_file_and_timm_classifier_state_dict(dino_pair, tmp_path, suffix):
+    bare = dino_pair[0].state_dict()  # DINO's *_pretrain.pth layout: bare backbone keys
+    path = tmp_path / f"dino_pretrain{suffix}"
+    if suffix == ".safetensors":
+        save_file(bare, path)
+    else:
+        torch.save(bare, path)
+    state = to_timm_state_dict(load_checkpoint(path), _tiny_timm(), key="ignored-for-bare-files")
+    assert all(torch.equal(state[k], bare[k]) for k in bare) and state.keys() == bare.keys()
+
+    classifier = timm.create_model("vit_small_patch16_224", num_classes=10, **TINY).state_dict()
+    state = to_timm_state_dict(classifier, _tiny_timm())
+    assert "head.weight" in classifier and "head.weight" not in state and len(state) == len(classifier) - 2
+
+
+class _Payload:
+    """Unpickling this creates a file: the stand-in for code a malicious checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickle_that_carries_code_is_refused_and_not_run(tmp_path):
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()  # the payload really runs when unpickled unsafely
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 64)}, "payload": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match="refused.*Nothing was executed") as err:
+        convert_checkpoint(path, "vit_small_patch16_224", tmp_path / "out", **TINY)
+    assert "io.open" in str(err.value) or "builtins.open" in str(err.value)  # names the offending global
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_unsupported_file_type_is_named(tmp_path):
+    path = tmp_path / "weights.npz"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.npz'.*\.safetensors"):
+        load_checkpoint(path)
+
+
+def test_missing_unexpected_and_shape_diff_is_readable(dino_pair, dino_ckpt):
+    obj = load_checkpoint(dino_ckpt)
+    obj["teacher"]["backbone.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError) as err:
+        to_timm_state_dict(obj, _tiny_timm(depth=3))
+    msg = str(err.value)
+    assert "does not fit vit_small_patch16_224 (embed_dim=64, depth=3" in msg
+    assert "missing from the checkpoint (12): blocks.2.attn.proj.bias" in msg
+    assert "unexpected in the checkpoint (1): extra.weight" in msg
+    assert "--arch" in msg and "--key" in msg
+
+    with pytest.raises(ValueError, match=r"shape differs .*\(\d+\): blocks\.0\.attn\.proj\.bias \(64,\) vs \(96,\)"):
+        to_timm_state_dict(dino_pair[0].state_dict(), _tiny_timm(embed_dim=96))
+
+
+def test_unknown_network_key_lists_the_networks(dino_ckpt):
+    with pytest.raises(ValueError, match="no network 'ema'; its state dicts are: dino_loss, student, teacher"):
+        to_timm_state_dict(load_checkpoint(dino_ckpt), _tiny_timm(), key="ema")
+
+
+def test_dino_interpolation_matches_dino_at_288(dino_pair, dino_ckpt, tmp_path):
+    x = _images(288)
+    with torch.no_grad():
+        expected = dino_pair[0](x)
+    convert_checkpoint(dino_ckpt, "vit_small_patch16_224", tmp_path, img_size=288, dino_interpolation=True, **TINY)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    timm_way = _tiny_timm(img_size=288)
+    timm_way.load_state_dict(to_timm_state_dict(load_checkpoint(dino_ckpt), timm_way))
+    with torch.no_grad():
+        dino_style, resized = loaded.forward_features(x), timm_way.forward_features(x)
+    assert dino_style.shape == (2, 1 + 18 * 18, 64)
+    assert (dino_style - expected).abs().max() < 1e-4
+    assert (resized - expected).abs().max() > 1e-3  # timm's antialiased resize-to-size is a different resampling
+
+
+def test_vit_small_dims_parity():
+    reference = random_dino_vit(2, embed_dim=384, depth=12, num_heads=6)
+    model = timm.create_model("vit_small_patch16_224", num_classes=0).eval()
+    model.load_state_dict(to_timm_state_dict({"teacher": {f"backbone.{k}": v for k, v in
+                                                          reference.state_dict().items()}}, model))
+    x = _images(224, batch=1)
+    with torch.no_grad():
+        assert (model.forward_features(x) - reference(x)).abs().max() < 1e-4
