@@ -9,10 +9,13 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -74,19 +77,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> dict[str, Any]:
-    """The teacher backbone of a training checkpoint as a plain timm model folder (see `adclr.export`)."""
-    from ..export import export_model
+def load_teacher_backbone(checkpoint_path: str | Path) -> "VisionTransformer":
+    """The teacher's backbone of a training checkpoint as a plain timm ViT (fixed input size), in eval mode."""
     from .config import TrainConfig
     from .network import build_backbone
 
     checkpoint = load_checkpoint(checkpoint_path)
-    cfg = TrainConfig.from_dict(checkpoint["config"])
-    backbone = build_backbone(cfg, dynamic_img_size=False)
+    backbone = build_backbone(TrainConfig.from_dict(checkpoint["config"]), dynamic_img_size=False)
     prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)}
-    backbone.load_state_dict(state, strict=True)
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)})
+    return backbone.eval()
+
+
+def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> dict[str, Any]:
+    """The teacher backbone of a training checkpoint as a plain timm model folder (see `adclr.export`)."""
+    from ..export import export_model
+    from .config import TrainConfig
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = TrainConfig.from_dict(checkpoint["config"])
     card.setdefault("source", f"adclr train ({cfg.variant}, {cfg.num_queries} queries, {checkpoint['epoch']} epochs, "
                               f"data {cfg.data})")
     card.setdefault("name", f"{cfg.arch} (ADCLR-{cfg.variant.upper()})")
-    return export_model(backbone.eval(), out_dir, **card)
+    return export_model(load_teacher_backbone(checkpoint_path), out_dir, **card)
