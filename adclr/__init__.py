@@ -4,6 +4,6 @@ Importing the package registers `adclr_vit_tiny`, `adclr_vit_small` and `adclr_v
 """
 from . import models as models  # registers the architectures with timm
 from .manifest import ManifestError, WeightsEntry, load_manifest
-from .weights import ChecksumMismatchError, WeightsUnavailableError, download_verified
+from .weights import ChecksumMismatchError, WeightsUnavailableError, fetch_verified
 
 __version__ = "0.1.0"

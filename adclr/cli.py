@@ -18,7 +18,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = [("model", "tag", "hub repo", "size", "license", "cached")]
     for arch in models.TIMM_EQUIVALENT:
         entries = [e for e in models.MANIFEST.values() if e.arch == arch]
-        rows += [(arch, e.tag, e.hf_hub_id, _megabytes(e.size_bytes), e.license, "no" if cached_path(e) is None else "yes")
+        rows += [(arch, e.tag, e.hf_hub_id or "(embedded in adclr)", _megabytes(e.size_bytes), e.license,
+                  "no" if cached_path(e) is None else "yes")
                  for e in entries] or [(arch, "-", "(no published weights)", "-", "-", "-")]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:

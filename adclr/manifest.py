@@ -20,8 +20,10 @@ _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NAME = re.compile(r"^[a-z0-9_]+\.[A-Za-z0-9_-]+$")
-_REQUIRED = {"hf_hub_id": str, "revision": str, "filename": str, "sha256": str, "size_bytes": int, "license": str}
-_OPTIONAL = {"description": str, "source": str, "metrics": dict}
+_REQUIRED = {"sha256": str, "size_bytes": int, "license": str}
+_HUB_SOURCE = {"hf_hub_id": str, "revision": str, "filename": str}
+_EMBEDDED_SOURCE = {"file": str}
+_OPTIONAL = {"description": str, "source": str, "metrics": dict, **_HUB_SOURCE, **_EMBEDDED_SOURCE}
 
 
 class ManifestError(ValueError):
@@ -33,15 +35,20 @@ class WeightsEntry:
     """One published weights file, pinned to a Hub commit and a content hash."""
 
     name: str
-    hf_hub_id: str
-    revision: str
-    filename: str
     sha256: str
     size_bytes: int
     license: str
+    hf_hub_id: str = ""
+    revision: str = ""
+    filename: str = ""
+    file: str = ""            # a file shipped inside the adclr package (path relative to it) instead of a Hub repo
     description: str = ""
     source: str = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return bool(self.file)
 
     @property
     def arch(self) -> str:
@@ -75,12 +82,20 @@ def parse_manifest(text: str, origin: str) -> dict[str, WeightsEntry]:
                 continue
             if not isinstance(table[key], kind) or isinstance(table[key], bool):
                 raise ManifestError(f"{where}: field '{key}' must be {kind.__name__}, got {table[key]!r}.")
+        hub = [k for k in _HUB_SOURCE if k in table]
+        if "file" in table and hub:
+            raise ManifestError(f"{where}: give either 'file' (embedded in the package) or {sorted(_HUB_SOURCE)} (a Hub "
+                                f"repo), not both.")
+        if "file" not in table and len(hub) != len(_HUB_SOURCE):
+            missing = sorted(set(_HUB_SOURCE) - set(hub))
+            raise ManifestError(f"{where}: missing required field(s) {missing} (or 'file' for weights embedded in the "
+                                "package).")
         for key, pattern, what in (
             ("revision", _HEX40, "a full 40-hex commit id (pin the revision, never a branch)"),
             ("sha256", _HEX64, "64 lower-case hex digits"),
             ("hf_hub_id", _REPO_ID, "'ORG/NAME'"),
         ):
-            if not pattern.match(table[key]):
+            if key in table and not pattern.match(table[key]):
                 raise ManifestError(f"{where}: field '{key}' must be {what}, got {table[key]!r}.")
         if table["size_bytes"] <= 0:
             raise ManifestError(f"{where}: field 'size_bytes' must be positive, got {table['size_bytes']}.")

@@ -14,7 +14,7 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .manifest import WeightsEntry, load_manifest
-from .weights import download_verified
+from .weights import fetch_verified
 
 #: The timm built-in architecture of each ADCLR arch: exported folders name it (with the exact dims as model_args),
 #: so plain timm loads them through `hf-hub:` / `local-dir:` without adclr installed.
@@ -22,6 +22,12 @@ TIMM_EQUIVALENT: dict[str, str] = {
     "adclr_vit_tiny": "vit_tiny_patch16_224",
     "adclr_vit_small": "vit_small_patch16_224",
     "adclr_vit_base": "vit_base_patch16_224",
+    "adclr_vit_mini_patch8": "vit_tiny_patch16_224",
+}
+
+#: Pretrained-cfg fields that differ from the ImageNet 224 px defaults, per arch.
+ARCH_CFG: dict[str, dict[str, Any]] = {
+    "adclr_vit_mini_patch8": dict(input_size=(3, 64, 64), crop_pct=1.0),
 }
 
 MANIFEST: dict[str, WeightsEntry] = load_manifest()
@@ -46,15 +52,18 @@ def _cfg(**kwargs) -> dict[str, Any]:
 
 
 def _entry_cfg(entry: WeightsEntry) -> dict[str, Any]:
-    return _cfg(hf_hub_id=f"{entry.hf_hub_id}@{entry.revision}", hf_hub_filename=entry.filename,
-                license=entry.license, description=entry.description or None)
+    source = {} if entry.embedded else dict(hf_hub_id=f"{entry.hf_hub_id}@{entry.revision}",
+                                            hf_hub_filename=entry.filename)
+    return _cfg(**ARCH_CFG.get(entry.arch, {}), **source, license=entry.license,
+                description=entry.description or None)
 
 
 def _default_cfgs() -> dict[str, dict[str, Any]]:
     """Manifest entries first (the first tag of an arch is its default), then a weightless cfg per remaining arch."""
     cfgs = {name: _entry_cfg(entry) for name, entry in MANIFEST.items() if entry.arch in TIMM_EQUIVALENT}
     with_weights = {entry.arch for entry in MANIFEST.values()}
-    cfgs.update({arch: _cfg(license="apache-2.0") for arch in TIMM_EQUIVALENT if arch not in with_weights})
+    cfgs.update({arch: _cfg(**ARCH_CFG.get(arch, {}), license="apache-2.0")
+                 for arch in TIMM_EQUIVALENT if arch not in with_weights})
     return cfgs
 
 
@@ -88,7 +97,7 @@ def _local_weights_overlay(variant: str, kwargs: dict[str, Any]) -> dict[str, An
     if isinstance(cfg, dict):
         return overlay  # an explicit cfg dict names its own source; timm resolves it
     entry = manifest_entry(variant, cfg)
-    overlay["file"] = str(download_verified(entry))
+    overlay["file"] = str(fetch_verified(entry))
     return overlay
 
 
@@ -109,6 +118,13 @@ def adclr_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ADCLR ViT-Ti/16: for experiments and smoke runs."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _create_adclr_vit("adclr_vit_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def adclr_vit_mini_patch8(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ADCLR ViT-Ti width, 6 blocks, patch 8 at 64 px: the CPU-sized study model (and the embedded demo model)."""
+    model_args = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+    return _create_adclr_vit("adclr_vit_mini_patch8", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -19,7 +19,7 @@ import torch
 from .export import WEIGHTS_NAME
 from .manifest import load_manifest, parse_manifest
 from .models import TIMM_EQUIVALENT
-from .weights import ChecksumMismatchError, WeightsUnavailableError, download_verified, sha256_file
+from .weights import ChecksumMismatchError, WeightsUnavailableError, fetch_verified, sha256_file
 
 FOLDER_FILES = (WEIGHTS_NAME, "config.json", "README.md")
 #: Stands in for the commit id in an entry printed before the push; replace it with the pushed commit.
@@ -134,7 +134,8 @@ def verify(names: Sequence[str] | None = None) -> list[Check]:
     for name in names or list(manifest):
         entry = manifest[name]
         try:
-            checks.append(Check(name, "ok", f"{entry.hf_hub_id}@{entry.revision[:12]} -> {download_verified(entry)}"))
+            checks.append(Check(name, "ok", f"{entry.file or entry.hf_hub_id + '@' + entry.revision[:12]} -> "
+                                            f"{fetch_verified(entry)}"))
         except ChecksumMismatchError as e:
             checks.append(Check(name, "mismatch", str(e)))
         except WeightsUnavailableError as e:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import huggingface_hub
@@ -138,7 +139,31 @@ def download_verified(entry: WeightsEntry) -> Path:
         "revision or the manifest entry is wrong: fix the entry or the upload.")
 
 
+def embedded_path(entry: WeightsEntry) -> Path:
+    """Where an embedded entry's file lies inside the installed package."""
+    return Path(str(resources.files("adclr").joinpath(entry.file)))
+
+
+def fetch_verified(entry: WeightsEntry) -> Path:
+    """The entry's file, checked against the manifest's sha256: embedded in the package, or from the Hub."""
+    if not entry.embedded:
+        return download_verified(entry)
+    path = embedded_path(entry)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"weights for {entry.name} should ship inside adclr at {path}, but the file is "
+                                      "missing; reinstall adclr (pip install --force-reinstall adclr).")
+    actual = _hash_blob(path)
+    if actual != entry.sha256:
+        raise ChecksumMismatchError(f"the embedded weights file {path} for {entry.name} has sha256 {actual}, but the "
+                                    f"manifest expects {entry.sha256}: the installed copy is damaged or was edited; "
+                                    "reinstall adclr.")
+    return path
+
+
 def cached_path(entry: WeightsEntry) -> Path | None:
-    """The entry's file in the local Hub cache, or None; nothing is downloaded or hashed."""
+    """The entry's file if it is on this machine (embedded, or in the Hub cache), else None; nothing is fetched."""
+    if entry.embedded:
+        path = embedded_path(entry)
+        return path if path.is_file() else None
     path = huggingface_hub.try_to_load_from_cache(entry.hf_hub_id, entry.filename, revision=entry.revision)
     return Path(path) if isinstance(path, str) else None

@@ -62,3 +62,16 @@ def test_env_override_is_validated_at_import(tmp_path):
     assert "ManifestError" in result.stderr and str(bad) in result.stderr and "adclr_vit_small.in1k" in result.stderr
     missing = run_python("import adclr", env={"ADCLR_WEIGHTS_MANIFEST": str(tmp_path / "nope.toml")})
     assert "does not name a readable file" in missing.stderr
+
+
+def test_embedded_entries_and_source_rules():
+    embedded = ENTRY.replace('hf_hub_id = "org/adclr-vit-small"\nrevision = "0123456789abcdef0123456789abcdef01234567"\n'
+                             'filename = "model.safetensors"\n', 'file = "assets/demo.safetensors"\n')
+    entry = parse_manifest(embedded, "x.toml")["adclr_vit_small.in1k"]
+    assert entry.embedded and entry.file == "assets/demo.safetensors" and entry.hf_hub_id == ""
+    both = ENTRY.replace('license = "apache-2.0"', 'license = "apache-2.0"\nfile = "assets/demo.safetensors"')
+    with pytest.raises(ManifestError, match="either 'file'.*not both"):
+        parse_manifest(both, "x.toml")
+    no_revision = ENTRY.replace('revision = "0123456789abcdef0123456789abcdef01234567"\n', "")
+    with pytest.raises(ManifestError, match=r"missing required field\(s\) \['revision'\]"):
+        parse_manifest(no_revision, "x.toml")

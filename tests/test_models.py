@@ -11,7 +11,7 @@ import adclr  # noqa: F401
 
 
 def test_listed_with_timm():
-    assert {"adclr_vit_tiny", "adclr_vit_small", "adclr_vit_base"} <= set(timm.list_models("adclr*"))
+    assert {"adclr_vit_tiny", "adclr_vit_small", "adclr_vit_base", "adclr_vit_mini_patch8"} <= set(timm.list_models("adclr*"))
 
 
 @pytest.mark.parametrize("arch, reference", [
