@@ -1,0 +1,209 @@
+"""Dense-feature inference of the ADCLR backbones (plain timm ViTs) against a plainly written DINO-style ViT.
+
+Both networks hold the same weights (timm's seeded random init, copied by state dict: DINO's key names equal timm's)
+and are built at the measured image size, so no position-embedding interpolation is involved. The figure is
+``forward_features`` tokens (the [CLS] + patch tokens after the final norm; the patch map is a reshape of them) in
+fp32 under inference mode. Each (model, size, implementation) runs in a fresh process; both outputs on the same input
+are compared and the script exits non-zero if they differ by 1e-3 or more.
+
+    python benchmarks/bench_inference.py                          # ViT-S and ViT-B at 224 and 896 px on CPU
+    python benchmarks/bench_inference.py --device cuda --batch 64 8 --repeats 10
+    python benchmarks/bench_inference.py --quick                  # seconds: a 2-block ViT-Ti at 64 and 128 px
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
+from _common import (PeakMemory, check_device, machine_info, measure, print_machine_info, ratio, read_spec,
+                     run_worker, table, write_json, write_result)
+
+TOLERANCE = 1e-3
+IMPLS = ("timm", "reference")
+
+
+class ReferenceAttention(nn.Module):
+    """Softmax attention written out, as in the DINO repository: one qkv linear, (q @ k^T) * scale, softmax, @ v."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+
+
+class ReferenceMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ReferenceAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ReferenceMlp(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchProjection(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(self.proj(x), "b c h w -> b (h w) c")
+
+
+class ReferenceViT(nn.Module):
+    """DINO's ViT for one fixed image size; `forward` returns what DINO's get_intermediate_layers(x, 1)[0] does."""
+
+    def __init__(self, img_size: int, patch: int, dim: int, depth: int, num_heads: int, hidden: int):
+        super().__init__()
+        self.patch_embed = PatchProjection(patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, dim))
+        self.blocks = nn.ModuleList(ReferenceBlock(dim, num_heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def build_timm(spec: dict) -> nn.Module:
+    torch.manual_seed(spec["seed"])
+    overrides = {"depth": spec["depth"]} if spec["depth"] else {}
+    return timm.create_model(spec["model"], pretrained=False, num_classes=0, img_size=spec["size"], **overrides)
+
+
+def reference_like(vit: nn.Module, img_size: int) -> ReferenceViT:
+    """A ReferenceViT with `vit`'s dims and its exact weights (strict load: every key must match)."""
+    ref = ReferenceViT(img_size, vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks),
+                       vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features)
+    ref.load_state_dict(vit.state_dict(), strict=True)
+    return ref
+
+
+def worker(spec: dict) -> None:
+    """One (model, size, implementation): output on the fixed input saved for the check, then images/s and memory."""
+    device = spec["device"]
+    memory = PeakMemory(device)
+    model = build_timm(spec)
+    if spec["impl"] == "reference":
+        model = reference_like(model, spec["size"])
+    model = model.to(device).eval()
+    forward = model.forward_features if spec["impl"] == "timm" else model.forward
+    images = torch.randn(spec["batch"], 3, spec["size"], spec["size"],
+                         generator=torch.Generator().manual_seed(spec["seed"] + 1)).to(device)
+
+    def run() -> Tensor:
+        with torch.inference_mode():
+            return forward(images)
+
+    torch.save(run()[:2].cpu(), spec["output"])  # the first call is also the first warm-up call
+    figures = measure(run, device, memory, max(spec["warmup"] - 1, 0), spec["repeats"])
+    write_result(spec, figures | {"images_per_s": spec["batch"] / figures["median_s"]})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["adclr_vit_small", "adclr_vit_base"])
+    parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (smoke runs)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 896], help="square image sizes in px")
+    parser.add_argument("--batch", nargs="+", type=int, default=[16, 2], help="batch per size (one value: all sizes)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes first (>= 1: the check's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the figures to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2-block ViT-Ti at 64/128 px, 2 repeats")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.depth, args.sizes, args.batch, args.repeats, args.warmup = (
+            ["adclr_vit_tiny"], 2, [64, 128], [2], 2, 1)
+    if len(args.batch) == 1:
+        args.batch = args.batch * len(args.sizes)
+    if len(args.batch) != len(args.sizes):
+        parser.error(f"--batch takes one value or one per size ({len(args.sizes)} sizes), got {args.batch}.")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first forward pass is the one whose output is checked.")
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info(args.device)
+    print_machine_info(info)
+    print(f"dense features: forward_features tokens, fp32, inference mode; median of {args.repeats} repeats after "
+          f"{args.warmup} warm-up; reference = DINO-style explicit softmax attention, same weights\n")
+
+    rows, ratio_rows, records, failed = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for size, batch in zip(args.sizes, args.batch):
+                result = {}
+                for impl in IMPLS:
+                    spec = dict(model=name, depth=args.depth, size=size, batch=batch, impl=impl, device=args.device,
+                                warmup=args.warmup, repeats=args.repeats, seed=args.seed, threads=args.threads,
+                                output=str(Path(tmp) / f"{impl}.pt"), label=f"{name} {size}px {impl}")
+                    result[impl] = run_worker(__file__, spec)
+                    r = result[impl]
+                    rows.append([name, size, batch, impl, r["images_per_s"], r["total_mib"], r["work_mib"]])
+                    print(f"  done: {spec['label']}: {r['images_per_s']:.2f} img/s", flush=True)
+                diff = (torch.load(Path(tmp) / "timm.pt") - torch.load(Path(tmp) / "reference.pt")).abs().max().item()
+                t, ref = result["timm"], result["reference"]
+                timm_over_ref = {"speed": ratio(t["images_per_s"], ref["images_per_s"]),
+                           "total_mem": ratio(t["total_mib"], ref["total_mib"]),
+                           "work_mem": ratio(t["work_mib"], ref["work_mib"])}
+                ratio_rows.append([name, size, *timm_over_ref.values(), diff])
+                records.append(dict(model=name, size=size, batch=batch, max_abs_diff=diff,
+                                    ratio_timm_over_ref=timm_over_ref, **result))
+                if not diff < TOLERANCE:
+                    failed.append(f"{name} {size}px: max |timm - reference| = {diff:.2e}")
+
+    print("\n" + table(["model", "size", "batch", "impl", "img/s", "total MiB", "work MiB"], rows))
+    print("\ntimm / reference (speed > 1: timm faster; memory < 1: timm smaller)")
+    print(table(["model", "size", "speed", "total mem", "work mem", "max|diff|"], ratio_rows))
+    write_json(args.json, {"benchmark": "inference", "machine": info, "args": vars(args), "results": records})
+    if failed:
+        print("\nFAILED: outputs differ by >= %g:\n  " % TOLERANCE + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    print(f"\noutputs equal within {TOLERANCE:g} for every configuration")
+    return 0
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    sys.exit(worker(read_spec(ARGS.worker)) if ARGS.worker else main(ARGS))
