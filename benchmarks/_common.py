@@ -188,3 +188,13 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"\nfigures written to {path}")
+
+
+def start(device: str, threads: int | None) -> dict[str, Any]:
+    """Check the device, pin the thread count, print and return the machine info: every benchmark's preamble."""
+    check_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    info = machine_info(device)
+    print_machine_info(info)
+    return info

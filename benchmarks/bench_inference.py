@@ -23,8 +23,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
-from _common import (PeakMemory, check_device, machine_info, measure, print_machine_info, ratio, read_spec,
-                     run_worker, table, write_json, write_result)
+from _common import (PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json,
+                     write_result)
 
 TOLERANCE = 1e-3
 IMPLS = ("timm", "reference")
@@ -161,11 +161,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
-    print_machine_info(info)
+    info = start(args.device, args.threads)
     print(f"dense features: forward_features tokens, fp32, inference mode; median of {args.repeats} repeats after "
           f"{args.warmup} warm-up; reference = DINO-style explicit softmax attention, same weights\n")
 

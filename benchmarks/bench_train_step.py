@@ -33,8 +33,8 @@ from adclr.train.config import TrainConfig
 from adclr.train.engine import Trainer, _precision  # the engine's own precision choice, so both parts agree
 from adclr.train.network import build_backbone
 from adclr.train.queries import embed_queries, forward_with_queries, one_way_attention_mask
-from _common import (PeakMemory, check_device, machine_info, measure, print_machine_info, ratio, read_spec,
-                     run_worker, table, write_json, write_result)
+from _common import (PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json,
+                     write_result)
 
 TARGET = 1.08
 TOLERANCE = 1e-3  # fp32 only; under bf16/fp16 the paths round differently and the difference is only printed
@@ -165,11 +165,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
-    print_machine_info(info)
+    info = start(args.device, args.threads)
     common = dict(arch=args.arch, depth=args.depth, img_size=args.img_size, batch=args.batch,
                   local_crops=args.local_crops, local_size=args.local_size, out_dim=args.out_dim,
                   precision=args.precision, seed=args.seed, device=args.device, threads=args.threads,
