@@ -250,7 +250,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_arg(text: str) -> int | tuple[int, int] | str:
+    """N (shorter side), HxW (exact) or 'native' (each image's own size)."""
+    if text == "native":
+        return text
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N, HxW or 'native' (e.g. 224, 224x320), got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def add_features_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size)")
+    p.add_argument("--model", default=None,
+                   help="timm name with published weights, local-dir:PATH, hf-hub:ORG/REPO or a training checkpoint "
+                        "(default: the bundled demo model, adclr.features.DEMO_MODEL)")
+    p.add_argument("--out", default=".", help="folder for <stem>.npz|.safetensors and <stem>_pca.png (default: .)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
+                   help="also save the patch maps of these blocks (0-based, negative from the end) as layer<I>")
+    p.add_argument("--size", type=_size_arg, default=None,
+                   help="N: resize the shorter side to N; HxW: resize exactly; native: keep each image's size "
+                        "(default: the model's input size as the shorter side)")
+    p.add_argument("--format", choices=("npz", "safetensors"), default="npz")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Save patch features and a PCA picture per image; exit 1 if any image could not be read."""
+    import torch
+    from timm.data import resolve_model_data_config
+
+    from .evaluate import load_model
+    from .features import DEMO_MODEL, write_features
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model or DEMO_MODEL, pretrained=True).to(device)
+    if args.size is None:
+        size = resolve_model_data_config(model)["input_size"][-1]
+    else:
+        size = None if args.size == "native" else args.size
+    failed = write_features(model, args.images, args.out, layers=args.layers, size=size, format=args.format)
+    for path, error in failed.items():
+        print(f"adclr features: skipped {path}: {error}", file=sys.stderr)
+    print(f"wrote features of {len(args.images) - len(failed)} of {len(args.images)} images to {args.out}")
+    return 1 if failed else 0
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="adclr-demo", help="folder for the pictures and report.md (default: adclr-demo)")
+    p.add_argument("--model", default=None, help="as for `adclr features` (default: the bundled demo model)")
+    p.add_argument("--samples", default=None, help="folder of PNGs to use instead of the bundled samples")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cpu, seconds for the demo model)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the bundled model on the bundled images, offline: PCA and attention pictures plus a report."""
+    from .demo import run_demo
+    from .features import DEMO_MODEL
+
+    out = run_demo(args.out, args.model or DEMO_MODEL, samples=args.samples, device=args.device)
+    print(f"wrote {out / 'overview.png'} and {out / 'report.md'}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None] | None]] = {
+    "demo": (cmd_demo, add_demo_args),
+    "features": (cmd_features, add_features_args),
     "models": (cmd_models, None),
     "train": (cmd_train, add_train_args),
     "export": (cmd_export, add_export_args),

@@ -239,7 +239,7 @@ def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, A
     }
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path) -> Image.Image:
     """Fully decode now (PIL is lazy), so a truncated file fails here and not inside a transform."""
     with Image.open(path) as image:
         image.load()
@@ -333,7 +333,7 @@ class ImageFolder(Dataset):
             if path in self._bad:
                 continue
             try:
-                image = _load_rgb(path)
+                image = load_rgb(path)
             except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, EOFError, ...)
                 self._mark_bad(path, error, "using the next readable file; call ImageFolder.verify() to drop bad files")
                 continue
@@ -354,7 +354,7 @@ class ImageFolder(Dataset):
             try:
                 with Image.open(path) as image:
                     image.verify()
-                _load_rgb(path)  # verify() leaves the file unusable and misses truncation: decode again
+                load_rgb(path)  # verify() leaves the file unusable and misses truncation: decode again
             except Exception as error:  # see __getitem__
                 self._mark_bad(path, error, "dropped by verify()")
             else:

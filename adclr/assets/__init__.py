@@ -1,0 +1,1 @@
+"""Files shipped with adclr: sample images for the demo, held-out Fashion-MNIST scenes, the embedded demo weights."""

@@ -1,0 +1,119 @@
+"""`adclr demo`: the bundled model on the bundled sample images, offline and in seconds, written as pictures.
+
+Per sample: the PCA picture of its patch features (one basis shared by all samples, so equal colours mean similar
+features across images) and the [CLS] attention of every head in the last block; an overview with one row per sample
+(input | PCA | attention heads) and ``report.md``. Pictures are at pixel scale on the padded grid, so the input is
+shown padded the same way (black right/bottom margin when a side is not a multiple of the patch size).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .evaluate import load_model
+from .features import DEMO_MODEL, attention_image, attention_maps, extract_features, pca_image
+from .train.data import load_rgb
+
+SAMPLES_PACKAGE, SAMPLES_FOLDER = "adclr.assets", "samples"
+
+
+def bundled_samples() -> list[Path]:
+    """The sample PNGs shipped in ``adclr/assets/samples``."""
+    try:
+        folder = resources.files(SAMPLES_PACKAGE) / SAMPLES_FOLDER
+    except ModuleNotFoundError:
+        folder = None
+    found = folder is not None and folder.is_dir()
+    paths = sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".png")) if found else []
+    if not paths:
+        raise FileNotFoundError(f"no bundled sample images in {SAMPLES_PACKAGE}/{SAMPLES_FOLDER}; reinstall adclr or "
+                                "pass samples=FOLDER (adclr demo --samples FOLDER)")
+    return paths
+
+
+def _sample_paths(samples: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    if samples is None:
+        return bundled_samples()
+    if isinstance(samples, str | os.PathLike):
+        paths = sorted(p for p in Path(samples).iterdir() if p.suffix.lower() == ".png")
+    else:
+        paths = [Path(p) for p in samples]
+    if not paths:
+        raise FileNotFoundError(f"no .png sample images in {samples}; pass a folder of PNGs or a list of image paths")
+    return paths
+
+
+def _padded_picture(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Place an (H, W, 3) picture top-left on a black (height, width, 3) canvas."""
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    canvas[:image.shape[0], :image.shape[1]] = image
+    return canvas
+
+
+def run_demo(out_dir: str | os.PathLike, model: str | os.PathLike | nn.Module = DEMO_MODEL, *,
+             samples: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+             device: str | torch.device | None = None) -> Path:
+    """Write ``<stem>_pca.png``, ``<stem>_attention.png``, ``overview.png`` and ``report.md`` to ``out_dir``; -> it.
+
+    ``model``: a module, a timm name with published weights (default: the bundled demo model), ``local-dir:PATH``,
+    ``hf-hub:ORG/REPO`` or a training checkpoint. ``samples``: a folder of PNGs or a list of image paths (default:
+    the bundled ones). ``device``: where to run (default: where the model is; loaded models start on the CPU, where
+    the demo model takes seconds).
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vit = load_model(model, pretrained=True)
+    if device is not None:
+        vit = vit.to(device)
+    paths = _sample_paths(samples)
+    images = [load_rgb(path) for path in paths]
+    features = extract_features(vit, images)
+    ph, pw = vit.patch_embed.patch_size
+    grids = [tuple(f["patch"].shape[-2:]) for f in features]
+    pixel_sizes = [(h * ph, w * pw) for h, w in grids]
+    pcas = pca_image([f["patch"][0] for f in features])
+    rows = []
+    for path, image, pca, (height, width) in zip(paths, images, pcas, pixel_sizes):
+        pca = np.asarray(Image.fromarray(pca).resize((width, height), Image.Resampling.NEAREST))
+        attention = attention_image(attention_maps(vit, image), size=(height, width))
+        Image.fromarray(pca).save(out_dir / f"{path.stem}_pca.png")
+        Image.fromarray(attention).save(out_dir / f"{path.stem}_attention.png")
+        rows.append(np.concatenate([_padded_picture(np.asarray(image), height, width), pca, attention], axis=1))
+    overview_width = max(row.shape[1] for row in rows)
+    overview = np.concatenate([_padded_picture(row, row.shape[0], overview_width) for row in rows], axis=0)
+    Image.fromarray(overview).save(out_dir / "overview.png")
+    seconds = time.perf_counter() - start
+    _write_report(out_dir / "report.md", model, vit, paths, images, features, seconds)
+    return out_dir
+
+
+def _write_report(path: Path, model: str | os.PathLike | nn.Module, vit: nn.Module, paths: Sequence[Path],
+                  images: Sequence[Image.Image], features: Sequence[dict[str, torch.Tensor]], seconds: float) -> None:
+    name = type(model).__name__ if isinstance(model, nn.Module) else os.fspath(model)
+    ph, pw = vit.patch_embed.patch_size
+    lines = [
+        "# adclr demo",
+        "",
+        f"- model: `{name}` (depth {len(vit.blocks)}, width {vit.embed_dim}, patch {ph}x{pw}, "
+        f"{vit.blocks[0].attn.num_heads} heads)",
+        f"- device: {next(vit.parameters()).device}",
+        f"- images: {len(paths)}",
+        f"- seconds: {seconds:.2f}",
+        "",
+        "| image | input (H x W) | cls | patch (C, h, w) | pictures |",
+        "|---|---|---|---|---|",
+    ]
+    for p, image, f in zip(paths, images, features):
+        lines.append(f"| {p.name} | {image.height} x {image.width} | {tuple(f['cls'].shape[1:])} | "
+                     f"{tuple(f['patch'].shape[1:])} | {p.stem}_pca.png, {p.stem}_attention.png |")
+    lines += ["", "overview.png: one row per image: input (padded to the patch grid) | PCA | attention per head", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,443 @@
+"""Dense features of your own images and pictures of them: patch maps, PCA colours, [CLS] attention, region embeddings.
+
+Any image size works with any timm ViT, fixed-size ones included: for the duration of a call the model runs in timm's
+dynamic-size mode (`any_input_size`: the position embedding is resampled to the grid, bicubic) and every attribute
+touched is restored afterwards. At the model's native size the tokens are exactly those of ``forward_features``.
+
+Patch geometry: an input of H x W pixels (after the optional resize to ``size``) is padded with zeros -- after
+normalisation, so with the mean colour -- on the right and bottom to a multiple of the patch size p. The grid is
+ceil(H / p) x ceil(W / p) and patch (i, j) covers pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) of the resized input.
+
+Preprocessing (mean, std, interpolation) comes from ``timm.data.resolve_model_data_config(model)``. Images are
+converted to normalised float tensors first and resized as tensors (antialiased), so a PIL image, its file and its
+normalised tensor give the same features, resized or not.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from timm.data import resolve_model_data_config
+from timm.data.transforms import str_to_interp_mode
+from timm.layers import Attention, Format, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from .train.data import load_rgb, to_rgb
+from .train.queries import forward_with_queries
+
+#: The small ViT shipped with the package (depth 6, width 192, patch 8, 64 px, trained on Fashion-MNIST scenes).
+DEMO_MODEL = "adclr_vit_mini_patch8.demo"
+FORMATS = ("npz", "safetensors")
+
+ImageLike = Image.Image | str | os.PathLike
+Size = int | tuple[int, int] | None
+
+
+# ---------------------------------------------------------------- model state
+
+
+def _check_vit(model: nn.Module) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer) or not isinstance(model.patch_embed, PatchEmbed):
+        raise TypeError(f"expected a timm VisionTransformer with the standard PatchEmbed, got {type(model).__name__}; "
+                        "load the backbone with timm.create_model or adclr.evaluate.load_model")
+    return model
+
+
+@contextmanager
+def any_input_size(model: VisionTransformer) -> Iterator[VisionTransformer]:
+    """Let a (fixed-size) timm ViT take any input whose sides are patch multiples, for one block of code.
+
+    Switches on timm's own dynamic-size path (``dynamic_img_size``, non-strict NHWC patch embedding) and restores the
+    four attributes afterwards, also on errors. Not for concurrent use of one model from several threads.
+    """
+    patch_embed = _check_vit(model).patch_embed
+    saved = (model.dynamic_img_size, patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt)
+    model.dynamic_img_size, patch_embed.strict_img_size = True, False
+    patch_embed.flatten, patch_embed.output_fmt = False, Format.NHWC
+    try:
+        yield model
+    finally:
+        model.dynamic_img_size, patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt = saved
+
+
+@contextmanager
+def _inference(model: VisionTransformer) -> Iterator[VisionTransformer]:
+    """Eval mode, no autograd and any input size; the train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), any_input_size(model):
+            yield model
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _target_size(height: int, width: int, size: Size) -> tuple[int, int]:
+    """``size``: None keeps (H, W); an int becomes the shorter side (aspect kept); (H, W) is taken exactly."""
+    if size is None:
+        return height, width
+    if isinstance(size, int):
+        if size < 1:
+            raise ValueError(f"size={size} must be >= 1 (the shorter side in pixels) or (H, W) or None")
+        if height <= width:
+            return size, max(1, round(width * size / height))
+        return max(1, round(height * size / width)), size
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size={size!r} must be an int (shorter side), an (H, W) pair of positive ints, or None")
+    return int(size[0]), int(size[1])
+
+
+def _normalised(model: nn.Module, image: ImageLike | Tensor) -> Tensor:
+    """One image -> normalised float (1, 3, H, W) at its own size; a (3, H, W)/(1, 3, H, W) tensor is taken as is."""
+    if isinstance(image, Tensor):
+        x = image.unsqueeze(0) if image.ndim == 3 else image
+        if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
+            raise ValueError(f"one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got {x.dtype} "
+                             f"{tuple(image.shape)}; give batches to extract_features and raw images as PIL/paths")
+        return x
+    if isinstance(image, str | os.PathLike):
+        image = load_rgb(Path(image))
+    elif isinstance(image, Image.Image):
+        image = to_rgb(image)
+    else:
+        raise TypeError(f"expected a PIL image, a path or a normalised float tensor, got {type(image).__name__}")
+    config = resolve_model_data_config(model)
+    mean = torch.tensor(config["mean"]).view(3, 1, 1)
+    std = torch.tensor(config["std"]).view(3, 1, 1)
+    return ((TF.pil_to_tensor(image).float() / 255 - mean) / std).unsqueeze(0)
+
+
+def _resized(model: nn.Module, x: Tensor, size: Size) -> Tensor:
+    """Resize (B, 3, H, W) with the model's interpolation (antialiased); a no-op at the target size."""
+    target = _target_size(*x.shape[-2:], size)
+    if tuple(x.shape[-2:]) == target:
+        return x
+    mode = str_to_interp_mode(resolve_model_data_config(model)["interpolation"])
+    return TF.resize(x, list(target), interpolation=mode, antialias=True)
+
+
+def _padded(model: VisionTransformer, x: Tensor) -> Tensor:
+    """Zero-pad right/bottom to patch multiples and move to the model's device and dtype."""
+    ph, pw = model.patch_embed.patch_size
+    height, width = x.shape[-2:]
+    x = F.pad(x, (0, -width % pw, 0, -height % ph))
+    parameter = next(model.parameters())
+    return x.to(device=parameter.device, dtype=parameter.dtype)
+
+
+# ---------------------------------------------------------------- features
+
+
+def _block_indices(model: VisionTransformer, layers: Sequence[int]) -> list[int]:
+    depth = len(model.blocks)
+    bad = [i for i in layers if not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices 0..{depth - 1} "
+                         f"(or -{depth}..-1 from the end)")
+    return sorted({i % depth for i in layers})
+
+
+def _forward(model: VisionTransformer, x: Tensor, layers: Sequence[int] | None, norm: bool) -> dict[str, Tensor]:
+    """Padded (B, 3, H, W) -> {'cls', 'patch', 'layer<i>'...}; run inside `_inference`."""
+    ph, pw = model.patch_embed.patch_size
+    grid = dict(h=x.shape[-2] // ph, w=x.shape[-1] // pw)
+    indices = _block_indices(model, layers or [])
+    if indices:
+        final, intermediates = model.forward_intermediates(x, indices=indices, norm=norm)
+    else:
+        final, intermediates = model.forward_features(x), []
+    out = {"cls": model.forward_head(final, pre_logits=True),
+           "patch": rearrange(final[:, model.num_prefix_tokens:], "b (h w) c -> b c h w", **grid)}
+    out.update({f"layer{i}": maps for i, maps in zip(indices, intermediates)})
+    return out
+
+
+def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[ImageLike], *,
+                     layers: Sequence[int] | None = None, norm: bool = True, size: Size = None,
+                     batch_size: int = 32) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """Patch features of any images: ``{'cls': (B, C), 'patch': (B, C, h, w), 'layer<i>': (B, C, h, w)...}``.
+
+    ``images``: a normalised float batch (B, 3, H, W) or (3, H, W), one PIL image or path, or a list of PIL images /
+    paths / (3, H, W) tensors of any sizes. A tensor or a single image gives one batched dict; a list gives a list of dicts, one per
+    image (each with B = 1), computed in batches of equal-size images. ``size``: None keeps each image's size, an int
+    resizes the shorter side to it (aspect kept), (H, W) resizes exactly; the grid and the patch-to-pixel mapping
+    are in the module docstring. ``cls`` is the model's pooled embedding (the [CLS] token after the final norm for
+    ADCLR/DINO ViTs) and ``patch`` the last block's patch tokens after the final norm. ``layers``: block indices
+    (0-based, negative from the end) whose patch maps to add as ``layer<i>`` (i non-negative), through timm's
+    ``forward_intermediates``; ``norm`` applies the final norm to them. Outputs stay on the model's device and dtype.
+    """
+    vit = _check_vit(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if isinstance(images, Tensor) or not isinstance(images, Sequence) or isinstance(images, str):
+        batch = images if isinstance(images, Tensor) and images.ndim == 4 else _normalised(vit, images)
+        if batch.shape[1] != 3 or not batch.is_floating_point() or not len(batch):
+            raise ValueError(f"an image batch must be normalised float (B >= 1, 3, H, W), got {batch.dtype} "
+                             f"{tuple(batch.shape)}")
+        with _inference(vit):
+            outputs = [_forward(vit, _padded(vit, part), layers, norm)
+                       for part in _resized(vit, batch, size).split(batch_size)]
+        return {key: torch.cat([out[key] for out in outputs]) for key in outputs[0]}
+    inputs = [_resized(vit, _normalised(vit, image), size) for image in images]
+    if not inputs:
+        raise ValueError("no images given; pass at least one PIL image, path or tensor")
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
+    results: list[dict[str, Tensor]] = [{} for _ in inputs]
+    with _inference(vit):
+        for members in by_size.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                out = _forward(vit, _padded(vit, torch.cat([inputs[i] for i in chunk])), layers, norm)
+                for row, i in enumerate(chunk):
+                    results[i] = {key: value[row:row + 1] for key, value in out.items()}
+    return results
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def _nearest(picture: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Upscale (or shrink) an (h, w, ...) picture to ``size`` = (H, W) by nearest neighbour; None keeps it."""
+    if size is None:
+        return picture
+    height, width = size
+    rows = np.arange(height) * picture.shape[0] // height
+    cols = np.arange(width) * picture.shape[1] // width
+    return picture[rows][:, cols]
+
+
+def _principal_components(x: Tensor, k: int) -> Tensor:
+    """Projections (n, k) of rows of ``x`` (n, C) on the top-k principal axes; each axis' largest loading is > 0."""
+    centred = x - x.mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    axes = vectors[:, -k:].flip(1)
+    axes = axes * axes.gather(0, axes.abs().argmax(0, keepdim=True)).sign()
+    return centred @ axes
+
+
+def _min_max(x: Tensor) -> Tensor:
+    """Scale each column to [0, 1]; a constant column becomes 0."""
+    low, high = x.min(0).values, x.max(0).values
+    return (x - low) / (high - low).clamp_min(1e-12)
+
+
+def pca_image(patch_features: Tensor | Sequence[Tensor], *, foreground_threshold: float | None = None,
+              size: tuple[int, int] | None = None) -> np.ndarray | list[np.ndarray]:
+    """RGB picture of the first three principal components of patch features; uint8 (B, h', w', 3).
+
+    One PCA basis is shared by all the maps given, and each component is min-max scaled over all of them, so equal
+    features get equal colours across images. ``patch_features``: (B, C, h, w) -> (B, h', w', 3); (C, h, w) ->
+    (h', w', 3); a list of (C, h, w) maps of different grids -> a list of (h', w', 3) pictures.
+    ``foreground_threshold`` t in (0, 1): the first component, min-max scaled to [0, 1], splits the patches into
+    foreground (value > t) and the rest; its sign is chosen so that the foreground is the smaller side (objects are
+    usually the minority of patches). Background patches are black and the colours come from a PCA of the
+    foreground patches alone. ``size`` = (H, W) upscales each picture with nearest neighbour (e.g. (h*p, w*p)).
+    """
+    if isinstance(patch_features, Tensor):
+        if patch_features.ndim not in (3, 4):
+            raise ValueError(f"patch features must be (B, C, h, w) or (C, h, w), got {tuple(patch_features.shape)}")
+        maps = list(patch_features) if patch_features.ndim == 4 else [patch_features]
+    else:
+        maps = list(patch_features)
+        if not maps or any(m.ndim != 3 for m in maps):
+            raise ValueError("a list of patch features must hold (C, h, w) maps, at least one")
+    if maps[0].shape[0] < 3 or len({m.shape[0] for m in maps}) != 1:
+        raise ValueError(f"all maps need the same number C >= 3 of channels, got {sorted({m.shape[0] for m in maps})}")
+    flat = torch.cat([rearrange(m, "c h w -> (h w) c") for m in maps]).detach().cpu().double()
+    keep = torch.ones(len(flat), dtype=torch.bool)
+    if foreground_threshold is not None:
+        if not 0 < foreground_threshold < 1:
+            raise ValueError(f"foreground_threshold={foreground_threshold} must lie in (0, 1), e.g. 0.5")
+        first = _min_max(_principal_components(flat, 1))[:, 0]
+        high, low = first > foreground_threshold, 1 - first > foreground_threshold
+        keep = high if high.sum() <= low.sum() else low
+    colours = torch.zeros(len(flat), 3, dtype=torch.float64)
+    if keep.any():
+        colours[keep] = _min_max(_principal_components(flat[keep], 3))
+    pixels = (colours * 255).round().to(torch.uint8).numpy()
+    pictures, start = [], 0
+    for m in maps:
+        h, w = m.shape[-2:]
+        pictures.append(_nearest(pixels[start:start + h * w].reshape(h, w, 3), size))
+        start += h * w
+    if not isinstance(patch_features, Tensor):
+        return pictures
+    return np.stack(pictures) if patch_features.ndim == 4 else pictures[0]
+
+
+def attention_maps(model: nn.Module, image: ImageLike | Tensor, *, size: Size = None) -> Tensor:
+    """(heads, h, w) float: the [CLS] token's attention to each patch in the last block, per head.
+
+    Tokens run through all blocks but the last; the last block's softmax(q k^T * scale) is recomputed from its own
+    qkv (and q/k norms) for the [CLS] row. Values are the raw softmax weights, so over patches they sum to 1 minus
+    what [CLS] (and any register tokens) receive. ``image`` and ``size`` as for one image of `extract_features`.
+    """
+    vit = _check_vit(model)
+    if vit.cls_token is None:
+        raise ValueError("attention_maps needs a ViT with a [CLS] token (class_token=True)")
+    last = vit.blocks[-1]
+    if type(last) is not Block or type(last.attn) is not Attention:
+        raise TypeError(f"the last block is {type(last).__name__} with {type(getattr(last, 'attn', None)).__name__}; "
+                        "attention_maps supports timm's standard Block with the standard Attention")
+    x = _padded(vit, _resized(vit, _normalised(vit, image), size))
+    ph, pw = vit.patch_embed.patch_size
+    with _inference(vit):
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        for block in vit.blocks[:-1]:
+            tokens = block(tokens)
+        q, k, _ = rearrange(last.attn.qkv(last.norm1(tokens)), "b t (three n d) -> three b n t d", three=3,
+                            n=last.attn.num_heads)
+        q, k = last.attn.q_norm(q[:, :, :1]), last.attn.k_norm(k)
+        weights = (q * last.attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+    patches = weights[0, :, 0, vit.num_prefix_tokens:].float()
+    return rearrange(patches, "n (h w) -> n h w", h=x.shape[-2] // ph, w=x.shape[-1] // pw)
+
+
+_HEAT = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=np.float64)  # black-red-yellow-white
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> uint8 RGB along black -> red -> yellow -> white (brighter = larger)."""
+    stops = np.linspace(0, 1, len(_HEAT))
+    rgb = np.stack([np.interp(values, stops, _HEAT[:, c]) for c in range(3)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def attention_image(maps: Tensor | np.ndarray, *, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(heads, h, w) maps -> uint8 (h', heads * w', 3): heads side by side, each min-max scaled, as a heat map.
+
+    ``size`` = (H, W) upscales every head's tile with nearest neighbour.
+    """
+    maps = torch.as_tensor(maps).detach().cpu().double()
+    if maps.ndim != 3:
+        raise ValueError(f"attention maps must be (heads, h, w), got shape {tuple(maps.shape)}")
+    scaled = _min_max(rearrange(maps, "n h w -> (h w) n"))
+    tiles = rearrange(scaled, "(h w) n -> n h w", h=maps.shape[1]).numpy()
+    return np.concatenate([_nearest(_heat(tile), size) for tile in tiles], axis=1)
+
+
+# ---------------------------------------------------------------- regions
+
+
+def _checked_boxes(boxes: Tensor | np.ndarray | Sequence, height: int, width: int) -> Tensor:
+    """(K, 4) x1, y1, x2, y2 pixel boxes inside the image -> integer boxes covering them (floor / ceil)."""
+    boxes = (boxes.detach() if isinstance(boxes, Tensor) else torch.as_tensor(np.asarray(boxes))).double().cpu()
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (K, 4) as x1, y1, x2, y2 in pixels, got {tuple(boxes.shape)}")
+    if not torch.isfinite(boxes).all():
+        raise ValueError("boxes contain NaN or infinite values; give finite pixel coordinates")
+    x1, y1, x2, y2 = boxes.unbind(1)
+    for name, bad in (("x2 > x1", x2 <= x1), ("y2 > y1", y2 <= y1)):
+        if bad.any():
+            raise ValueError(f"boxes {bad.nonzero().flatten().tolist()} are empty: each box needs {name} "
+                             "(torchvision's x1, y1, x2, y2 order)")
+    outside = (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
+    if outside.any():
+        raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) image; "
+                         f"clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the input image)")
+    return torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], dim=1).long()
+
+
+def embed_regions(model: nn.Module, image: ImageLike | Tensor, boxes: Tensor | np.ndarray | Sequence, *,
+                  size: Size = None, query_size: int | None = None, query_pos: str = "none") -> Tensor:
+    """(K, C) embeddings of boxes (K, 4) = pixel x1, y1, x2, y2 of ``image``, read out the ADCLR way.
+
+    Each box is cropped from the image at its own resolution, resized to ``query_size`` (default: the patch size) and
+    embedded as one query token by the ViT's patch embedding; the query tokens then read the whole image (resized to
+    ``size``) through the one-way attention of training (`adclr.train.queries.forward_with_queries`, each query
+    sees [CLS] + image + itself) and come out after the final norm. Box coordinates are rounded outwards to pixels.
+    """
+    vit = _check_vit(model)
+    full = _normalised(vit, image)
+    height, width = full.shape[-2:]
+    boxes = _checked_boxes(boxes, height, width)
+    side = query_size or vit.patch_embed.patch_size[0]
+    mode = str_to_interp_mode(resolve_model_data_config(vit)["interpolation"])
+    crops = [TF.resized_crop(full[0], y1, x1, y2 - y1, x2 - x1, [side, side], interpolation=mode, antialias=True)
+             for x1, y1, x2, y2 in boxes.tolist()]
+    if not crops:
+        return torch.empty(0, vit.embed_dim, device=next(vit.parameters()).device)
+    context = _padded(vit, _resized(vit, full, size))
+    queries = torch.stack(crops).unsqueeze(0).to(context)
+    with _inference(vit):
+        _, query_tokens = forward_with_queries(vit, context, queries, "self", query_pos=query_pos)
+    return query_tokens[0]
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_features(features: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write tensors to ``.npz`` (numpy) or ``.safetensors``, chosen by the file suffix."""
+    path = Path(path)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in features.items()}
+    if path.suffix == ".npz":
+        np.savez(path, **{key: value.numpy() for key, value in tensors.items()})
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        raise ValueError(f"cannot write {path.name}: use a .npz or .safetensors file name")
+    return path
+
+
+def pixel_pca(model: nn.Module, patch: Tensor, input_size: tuple[int, int]) -> np.ndarray:
+    """PCA picture of one (C, h, w) map at pixel scale, cropped to the (H, W) input it came from (padding dropped)."""
+    ph, pw = _check_vit(model).patch_embed.patch_size
+    h, w = patch.shape[-2:]
+    return pca_image(patch, size=(h * ph, w * pw))[:input_size[0], :input_size[1]]
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}_{n}"
+    used.add(stem)
+    return stem
+
+
+def write_features(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                   layers: Sequence[int] | None = None, size: Size = None, format: str = "npz",
+                   progress: bool = True) -> dict[str, str]:
+    """Per image file: ``<stem>.npz`` / ``.safetensors`` and ``<stem>_pca.png`` in ``out_dir``; -> {path: error}.
+
+    Files hold ``cls`` (C,), ``patch`` (C, h, w), ``layer<i>`` (C, h, w) and ``input_size`` (H, W), the resized input
+    the grid covers. Unreadable images are skipped and returned with their error; repeated stems get ``_2``, ``_3``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not supported; use one of {FORMATS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: dict[str, str] = {}
+    used: set[str] = set()
+    for path in tqdm([Path(p) for p in paths], desc="features", unit="image", disable=not progress):
+        try:
+            image = load_rgb(path)
+        except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+            failed[str(path)] = f"{type(error).__name__}: {error}"
+            continue
+        height, width = _target_size(image.height, image.width, size)
+        features = {key: value[0] for key, value in
+                    extract_features(model, image, layers=layers, size=size).items()}
+        features["input_size"] = torch.tensor([height, width])
+        stem = _unique_stem(path, used)
+        save_features(features, out_dir / f"{stem}.{format}")
+        Image.fromarray(pixel_pca(model, features["patch"], (height, width))).save(out_dir / f"{stem}_pca.png")
+    return failed
