@@ -274,9 +274,11 @@ def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes
 def dense_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, test_maps: torch.Tensor,
                 test_masks: torch.Tensor, num_classes: int | None = None, epochs: int = 50, lr: float = 1e-2,
                 weight_decay: float = 1e-4, batch_size: int = 32, optimizer: str = "adamw",
-                ignore_index: int = IGNORE_INDEX, seed: int = 0, progress: bool = False) -> dict[str, float]:
+                ignore_index: int = IGNORE_INDEX, seed: int = 0, progress: bool = False,
+                return_predictions: bool = False) -> dict[str, Any]:
     """A 1x1 linear layer on frozen, channel-standardised patch maps (N, C, h, w), trained with cross-entropy on
-    its logits upsampled bilinearly to the mask size (N, H, W); -> {'miou', 'pixel_acc'} in % on the test set."""
+    its logits upsampled bilinearly to the mask size (N, H, W); -> {'miou', 'pixel_acc'} in % on the test set
+    (plus 'predictions' (N, H, W) for the test set with `return_predictions`, e.g. to draw them)."""
     _check_pairs(train_maps, train_masks, test_maps, test_masks, label_dims=3)
     num_classes = _num_classes(num_classes, train_masks, test_masks, ignore_index=ignore_index)
     train, test = _standardise(train_maps, test_maps, dims=(0, 2, 3))
@@ -293,11 +295,14 @@ def dense_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, test_maps: 
     _fit(layer, train, train_masks, loss_fn, epochs, lr, weight_decay, batch_size, optimizer, generator, progress,
          "dense probe")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    predictions = []
     with torch.no_grad():
         for maps, masks in zip(test.split(batch_size), test_masks.split(batch_size)):
             prediction = upsampled(layer(maps), masks.shape[-2:]).argmax(1)
             confusion += confusion_matrix(prediction, masks, num_classes, ignore_index)
-    return segmentation_scores(confusion)
+            predictions.append(prediction)
+    scores = segmentation_scores(confusion)
+    return scores | {"predictions": torch.cat(predictions)} if return_predictions else scores
 
 
 # ---------------------------------------------------------------- data and the one-call evaluation
@@ -432,3 +437,16 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def bundled_scenes_probe(model_spec: str | os.PathLike | nn.Module, *, n_train: int = 192, epochs: int = 50,
+                         seed: int = 0) -> dict[str, Any]:
+    """The dense probe on the 256 labelled held-out Fashion-MNIST scenes shipped in `adclr/assets` (train on the
+    first `n_train`, score the rest): a dense-feature check that needs no data set installed."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("adclr.assets") / "fashion-scenes-test-256.npz") as path:
+        scenes = np.load(path)
+        images, masks = scenes["images"], scenes["masks"].astype(np.int64)
+    data = {"train": (images[:n_train], masks[:n_train]), "test": (images[n_train:], masks[n_train:])}
+    return evaluate(model_spec, "seg", data, epochs=epochs, seed=seed, progress=False)
