@@ -1,6 +1,7 @@
 """adclr: ADCLR self-supervised ViT backbones for timm.
 
-Importing the package registers `adclr_vit_tiny`, `adclr_vit_small` and `adclr_vit_base` with timm.
+Importing the package registers the `adclr_vit_*` architectures with timm (`timm.list_models("adclr*")`) and their
+pretrained cfgs from the weights manifest.
 """
 from . import models as models  # registers the architectures with timm
 from .features import attention_image, attention_maps, embed_regions, extract_features, pca_image

@@ -91,7 +91,8 @@ def test_push_pins_the_commit_it_creates(local_hub, exported_tiny, monkeypatch, 
 
     monkeypatch.setenv("ADCLR_WEIGHTS_MANIFEST", str(tmp_path / "weights.toml"))
     (tmp_path / "weights.toml").write_text(entry_text)
-    assert [(c.name, c.status) for c in verify()] == [("adclr_vit_tiny.pushed-tiny", "ok")]
+    checks = [(c.name, c.status) for c in verify()]  # the packaged entries (the embedded demo) come along
+    assert ("adclr_vit_tiny.pushed-tiny", "ok") in checks and all(status == "ok" for _, status in checks)
 
 
 def test_publish_refuses_what_would_break_the_manifest(exported_tiny, tmp_path):
@@ -133,12 +134,13 @@ def three_entry_manifest(local_hub, exported_tiny, tmp_path, monkeypatch):
 def test_verify_reports_ok_mismatch_missing(three_entry_manifest, exported_tiny):
     checks = {c.name: c for c in verify()}
     assert {name: c.status for name, c in checks.items()} == {
-        "adclr_vit_tiny.good": "ok", "adclr_vit_tiny.wrong": "mismatch", "adclr_vit_tiny.absent": "missing"}
+        "adclr_vit_tiny.good": "ok", "adclr_vit_tiny.wrong": "mismatch", "adclr_vit_tiny.absent": "missing",
+        "adclr_vit_mini_patch8.demo": "ok"}  # the packaged (embedded) entry is checked too
     assert exported_tiny["sha256"] in checks["adclr_vit_tiny.wrong"].detail
     assert "adclr-test/never-published" in checks["adclr_vit_tiny.absent"].detail
     assert [(c.name, c.ok) for c in verify(["adclr_vit_tiny.good"])] == [("adclr_vit_tiny.good", True)]
     with pytest.raises(ValueError, match="not in the weights manifest: adclr_vit_tiny.nope; known entries: "
-                                         "adclr_vit_tiny.good"):
+                                         "adclr_vit_mini_patch8.demo, adclr_vit_tiny.good"):
         verify(["adclr_vit_tiny.nope"])
 
 
@@ -175,8 +177,8 @@ def test_cli_verify_exit_codes(three_entry_manifest, capsys):
 
     assert main(["verify"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in lines[:3]] == [
+    assert [line.split()[:2] for line in lines[:4]] == [["ok", "adclr_vit_mini_patch8.demo"],
         ["ok", "adclr_vit_tiny.good"], ["mismatch", "adclr_vit_tiny.wrong"], ["missing", "adclr_vit_tiny.absent"]]
-    assert lines[-1] == "3 checked, 1 ok, 2 failed"
+    assert lines[-1] == "4 checked, 2 ok, 2 failed"
     assert main(["verify", "adclr_vit_tiny.good"]) == 0
     assert main(["verify", "adclr_vit_tiny.nope"]) == 2

@@ -1,0 +1,58 @@
+"""Make the embedded demo model from a study checkpoint and print its weights_manifest entry (a maintainer step).
+
+    python benchmarks/embed_demo.py /tmp/adclr-study/runs/adclr_s0/checkpoint.pth
+
+Loads the teacher backbone into `adclr_vit_mini_patch8`, scores the bundled-scenes dense probe in fp32 and with the
+weights rounded to fp16, writes `adclr/assets/adclr_vit_mini_patch8.demo.safetensors` (fp16 when the probe keeps its
+figure within 0.5 mIoU, else fp32) and prints the manifest table to paste into weights_manifest/weights.toml.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+import adclr  # noqa: F401
+from adclr.evaluate import bundled_scenes_probe
+from adclr.train.checkpoint import load_checkpoint, load_teacher_backbone
+from adclr.weights import sha256_file
+
+ARCH, TAG = "adclr_vit_mini_patch8", "demo"
+TARGET = Path(__file__).resolve().parents[1] / "adclr" / "assets" / f"{ARCH}.{TAG}.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    args = parser.parse_args()
+    teacher = load_teacher_backbone(args.checkpoint)
+    model = timm.create_model(ARCH).eval()
+    model.load_state_dict(teacher.state_dict())
+    fp32 = bundled_scenes_probe(model)["miou"]
+    half = {k: v.half() for k, v in model.state_dict().items()}
+    model.load_state_dict(half)
+    fp16 = bundled_scenes_probe(model)["miou"]
+    keep_half = abs(fp16 - fp32) <= 0.5
+    save_file(half if keep_half else teacher.state_dict(), TARGET, metadata={"format": "pt"})
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = checkpoint["config"]
+    print(f"bundled-scenes probe mIoU: fp32 {fp32:.2f}, fp16 {fp16:.2f} -> stored as {'fp16' if keep_half else 'fp32'}")
+    print(f'''
+["{ARCH}.{TAG}"]
+file = "assets/{TARGET.name}"
+sha256 = "{sha256_file(TARGET)}"
+size_bytes = {TARGET.stat().st_size}
+license = "apache-2.0"
+description = "Demo only, not an ImageNet model: ADCLR ({cfg['num_queries']} queries) on 4000 Fashion-MNIST scenes, 64 px, {checkpoint['epoch']} epochs on a CPU"
+source = "benchmarks/study.py run {args.checkpoint.parent.name}; benchmarks/embed_demo.py"
+
+["{ARCH}.{TAG}".metrics]
+bundled_probe_miou = {(fp16 if keep_half else fp32):.2f}
+''')
+
+
+if __name__ == "__main__":
+    main()

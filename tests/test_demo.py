@@ -1,0 +1,43 @@
+"""The embedded demo model: loads offline, matches its manifest hash, keeps its recorded dense-probe figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+import adclr
+from adclr.evaluate import bundled_scenes_probe
+from adclr.features import DEMO_MODEL
+from adclr.weights import fetch_verified, sha256_file
+from conftest import run_python
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+#: The probe is seeded and runs on the CPU; the tolerance absorbs float differences between CPUs and BLAS builds.
+MIOU_TOLERANCE = 1.0
+
+
+def test_demo_model_is_embedded_and_verified():
+    entry = adclr.models.MANIFEST[DEMO_MODEL]
+    assert entry.embedded and entry.license == "apache-2.0"
+    path = fetch_verified(entry)
+    assert sha256_file(path) == entry.sha256 and path.stat().st_size == entry.size_bytes
+    model = timm.create_model(DEMO_MODEL, pretrained=True)
+    stored = load_file(path)
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in stored.items())
+
+
+def test_demo_probe_reaches_the_recorded_figure():
+    recorded = adclr.models.MANIFEST[DEMO_MODEL].metrics["bundled_probe_miou"]
+    assert f"{recorded:.2f}" in RESULTS.read_text()  # the manifest and RESULTS.md state the same figure
+    model = timm.create_model(DEMO_MODEL, pretrained=True)
+    assert bundled_scenes_probe(model)["miou"] >= recorded - MIOU_TOLERANCE
+
+
+def test_demo_command_runs_offline(tmp_path):
+    result = run_python(f"from adclr.cli import main; raise SystemExit(main(['demo', '--out', {str(tmp_path)!r}]))",
+                        env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "overview.png").is_file() and (tmp_path / "report.md").is_file()
+    assert DEMO_MODEL in (tmp_path / "report.md").read_text()
