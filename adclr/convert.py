@@ -183,4 +183,5 @@ def convert_checkpoint(src: str | Path, arch: str, out_dir: str | Path, key: str
     return export_model(model, out_dir, name=f"{arch} converted from {Path(src).name}", license=license,
                         description=description,
                         source=source or f"`{Path(src).name}`{network}, converted with `adclr convert`",
+                        method="that of the source checkpoint (see Source); the card does not assume ADCLR",
                         metrics=metrics)

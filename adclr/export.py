@@ -15,6 +15,8 @@ from .models import TIMM_EQUIVALENT
 from .weights import sha256_file
 
 WEIGHTS_NAME = "model.safetensors"
+ADCLR_METHOD = ("ADCLR (Zhang et al., ICLR 2023, arXiv:2306.13337); its query tokens are a training device and leave "
+                "no parameters behind")
 
 
 def timm_architecture(model: VisionTransformer) -> tuple[str, dict[str, Any]]:
@@ -34,7 +36,7 @@ def timm_architecture(model: VisionTransformer) -> tuple[str, dict[str, Any]]:
     return builtin, {**getattr(model, "_model_args", {}), **dims}
 
 
-def _model_card(name: str, builtin: str, license: str, description: str, source: str,
+def _model_card(name: str, builtin: str, license: str, description: str, source: str, method: str,
                 metrics: Mapping[str, Any]) -> str:
     metric_lines = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
     metric_table = f"\n## Metrics\n| metric | value |\n|---|---|\n{metric_lines}\n" if metrics else ""
@@ -45,11 +47,11 @@ tags: [image-feature-extraction, timm, adclr, self-supervised]
 ---
 # {name}
 
-{description or 'An ADCLR self-supervised ViT backbone.'} A plain timm `{builtin}`-family VisionTransformer with no
-classifier head (`num_classes=0`); ADCLR's query tokens are a training device and leave no parameters behind.
+{description or 'A self-supervised ViT backbone.'} A plain timm `{builtin}`-family VisionTransformer with no
+classifier head (`num_classes=0`).
 
 - Source: {source or 'not stated'}
-- Method: ADCLR, Zhang et al., ICLR 2023 (arXiv:2306.13337)
+- Training method: {method}
 {metric_table}
 ## Load
 ```python
@@ -70,15 +72,17 @@ model = timm.create_model("hf-hub:ORG/REPO", pretrained=True)   # or "local-dir:
 
 
 def export_model(model: VisionTransformer, out_dir: str | Path, *, name: str = "adclr backbone",
-                 license: str = "apache-2.0", description: str = "", source: str = "",
+                 license: str = "apache-2.0", description: str = "", source: str = "", method: str = ADCLR_METHOD,
                  metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write the folder and return what a manifest entry needs: path, sha256 and size of the weights file."""
+    """Write the folder and return what a manifest entry needs: path, sha256 and size of the weights file.
+
+    `method` names how the weights were trained on the card (converted checkpoints say what they came from)."""
     out_dir = Path(out_dir)
     builtin, model_args = timm_architecture(model)
     save_for_hf(model, str(out_dir), model_config={"pretrained_cfg": {"architecture": builtin, "license": license}},
                 model_args=model_args, safe_serialization=True)
     (out_dir / "README.md").write_text(
-        _model_card(name, builtin, license, description, source, dict(metrics or {})), encoding="utf-8")
+        _model_card(name, builtin, license, description, source, method, dict(metrics or {})), encoding="utf-8")
     weights = out_dir / WEIGHTS_NAME
     return {"path": str(weights), "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,
             "architecture": builtin}

@@ -21,6 +21,9 @@ def test_export_round_trip_through_local_dir(tmp_path):
     assert info["sha256"] == sha256_file(tmp_path / "model.safetensors")
     card = (tmp_path / "README.md").read_text()
     assert "license: apache-2.0" in card and "| knn | 12.5 |" in card and "unit test" in card
+    assert "Training method: ADCLR" in card
+    export_model(model, tmp_path / "dino", method="DINO (converted)")
+    assert "Training method: DINO (converted)" in (tmp_path / "dino" / "README.md").read_text()
 
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     x = torch.randn(2, 3, 64, 64)
