@@ -153,8 +153,7 @@ class Trainer:
         sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                            collate_fn=collate_multicrop, drop_last=True, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            collate_fn=collate_multicrop, drop_last=True, pin_memory=self.device.type == "cuda")
         return dataset, sampler, loader
 
     def _resume(self) -> None:
