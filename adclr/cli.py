@@ -155,7 +155,7 @@ def add_publish_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", required=True, help="Hub repo ORG/NAME")
     p.add_argument("--revision", help="40-hex commit id the folder was pushed as (without --push)")
     p.add_argument("--push", action="store_true",
-                   help="upload with huggingface_hub.upload_folder (token: HF_TOKEN or `huggingface-cli login`)")
+                   help="upload with huggingface_hub.upload_folder (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--name", help="manifest entry name arch.tag (default: the ADCLR arch, tagged by the repo name)")
     _add_card_args(p)
 

@@ -80,7 +80,7 @@ def publish(folder: str | Path, repo_id: str, *, name: str | None = None, revisi
     """Validate `folder`, upload it when `push`, and return its manifest entry (TOML text).
 
     The entry pins the pushed commit after a push, else `revision`; without either it holds REVISION_PLACEHOLDER
-    with a comment saying what to fill in. The token comes from the usual places (HF_TOKEN, `huggingface-cli login`)
+    with a comment saying what to fill in. The token comes from the usual places (HF_TOKEN, `hf auth login`)
     unless given.
     """
     if push and revision:

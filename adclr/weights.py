@@ -82,7 +82,7 @@ def _verified_blobs() -> _VerifiedBlobs:
 def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"weights for {entry.name} ({entry.hf_hub_id}@{entry.revision[:12]}, {entry.filename}) {reason}. Ways out: "
-        f"download them once while online (`huggingface-cli download {entry.hf_hub_id} {entry.filename} --revision "
+        f"download them once while online (`hf download {entry.hf_hub_id} {entry.filename} --revision "
         f"{entry.revision}`, or point HF_ENDPOINT at a reachable mirror), or load a local copy with "
         f"timm.create_model('{entry.arch}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).")
 

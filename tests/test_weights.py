@@ -132,7 +132,7 @@ except adclr.WeightsUnavailableError as e:
     print(result.stdout.splitlines()[0])  # how fast it comes, for the record (-s)
     msg = result.stdout
     for needle in ("adclr_vit_tiny.test", "adclr-test/never-downloaded", "HF_HUB_OFFLINE=1", "pretrained_cfg_overlay",
-                   "huggingface-cli download"):
+                   "hf download"):
         assert needle in msg
     assert hub.count == 0  # offline means no connection attempt, hence no retry back-off
 
