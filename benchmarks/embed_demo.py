@@ -28,7 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     args = parser.parse_args()
-    teacher = load_teacher_backbone(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint)
+    teacher = load_teacher_backbone(checkpoint)
     model = timm.create_model(ARCH).eval()
     model.load_state_dict(teacher.state_dict())
     fp32 = bundled_scenes_probe(model)["miou"]
@@ -37,7 +38,6 @@ def main() -> None:
     fp16 = bundled_scenes_probe(model)["miou"]
     keep_half = abs(fp16 - fp32) <= 0.5
     save_file(half if keep_half else teacher.state_dict(), TARGET, metadata={"format": "pt"})
-    checkpoint = load_checkpoint(args.checkpoint)
     cfg = checkpoint["config"]
     print(f"bundled-scenes probe mIoU: fp32 {fp32:.2f}, fp16 {fp16:.2f} -> stored as {'fp16' if keep_half else 'fp32'}")
     print(f'''

@@ -77,12 +77,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_teacher_backbone(checkpoint_path: str | Path) -> "VisionTransformer":
-    """The teacher's backbone of a training checkpoint as a plain timm ViT (fixed input size), in eval mode."""
+def load_teacher_backbone(checkpoint: str | Path | dict[str, Any]) -> "VisionTransformer":
+    """The teacher's backbone of a training checkpoint (a path, or one already loaded with `load_checkpoint`) as a
+    plain timm ViT (fixed input size), in eval mode."""
     from .config import TrainConfig
     from .network import build_backbone
 
-    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
     backbone = build_backbone(TrainConfig.from_dict(checkpoint["config"]), dynamic_img_size=False)
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)})
@@ -94,9 +96,9 @@ def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> 
     from ..export import export_model
     from .config import TrainConfig
 
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)  # read once: a run's checkpoint also holds optimizer state
     cfg = TrainConfig.from_dict(checkpoint["config"])
     card.setdefault("source", f"adclr train ({cfg.variant}, {cfg.num_queries} queries, {checkpoint['epoch']} epochs, "
                               f"data {cfg.data})")
     card.setdefault("name", f"{cfg.arch} (ADCLR-{cfg.variant.upper()})")
-    return export_model(load_teacher_backbone(checkpoint_path), out_dir, **card)
+    return export_model(load_teacher_backbone(checkpoint), out_dir, **card)
