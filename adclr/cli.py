@@ -283,7 +283,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     import torch
     from timm.data import resolve_model_data_config
 
-    from .evaluate import load_model
+    from .load import load_model
     from .features import DEMO_MODEL, write_features
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .evaluate import load_model
+from .load import load_model
 from .features import DEMO_MODEL, attention_image, attention_maps, extract_features, pca_image
-from .train.data import load_rgb
+from .images import load_rgb
 
 SAMPLES_PACKAGE, SAMPLES_FOLDER = "adclr.assets", "samples"
 

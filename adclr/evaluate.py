@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_model_data_config
@@ -24,39 +23,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import scenes as fashion
-from .train.data import ImageFolder
+from .images import ImageFolder
+from .load import load_model
 
 TASKS = ("knn", "linear", "seg")
-CHECKPOINT_SUFFIXES = (".pth", ".pt")
 #: Mask value that segmentation losses and scores skip (the ADE20K / mmseg convention).
 IGNORE_INDEX = 255
 
 Images = np.ndarray | torch.Tensor | Iterable
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_model(spec: str | os.PathLike | nn.Module, pretrained: bool = False) -> nn.Module:
-    """A backbone without classifier from a timm name, ``local-dir:``/``hf-hub:`` source or training checkpoint.
-
-    A checkpoint (``*.pth``/``*.pt``) holds ``{'teacher': {'backbone.<timm key>': tensor, ...}, 'config': {'arch',
-    'img_size', 'model_kwargs'}}``: the arch is rebuilt from its config and the teacher's backbone loaded strictly.
-    ``local-dir:`` and ``hf-hub:`` always load their weights; a plain timm name only with ``pretrained=True``.
-    """
-    if isinstance(spec, nn.Module):
-        return spec
-    spec = os.fspath(spec)
-    if spec.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(spec):
-        return _load_checkpoint(Path(spec))
-    from_files = spec.startswith(("local-dir:", "hf-hub:"))
-    return timm.create_model(spec, pretrained=pretrained or from_files, num_classes=0)
-
-
-def _load_checkpoint(path: Path) -> nn.Module:
-    from .train.checkpoint import load_teacher_backbone
-
-    return load_teacher_backbone(path)
 
 
 # ---------------------------------------------------------------- features

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .train.data import load_rgb, to_rgb
-from .train.queries import forward_with_queries
+from .images import load_rgb, to_rgb
+from .queries import forward_with_queries
 
 #: The small ViT shipped with the package (depth 6, width 192, patch 8, 64 px, trained on Fashion-MNIST scenes).
 DEMO_MODEL = "adclr_vit_mini_patch8.demo"
@@ -49,7 +49,7 @@ Size = int | tuple[int, int] | None
 def _check_vit(model: nn.Module) -> VisionTransformer:
     if not isinstance(model, VisionTransformer) or not isinstance(model.patch_embed, PatchEmbed):
         raise TypeError(f"expected a timm VisionTransformer with the standard PatchEmbed, got {type(model).__name__}; "
-                        "load the backbone with timm.create_model or adclr.evaluate.load_model")
+                        "load the backbone with timm.create_model or adclr.load.load_model")
     return model
 
 

@@ -32,7 +32,7 @@ import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
 from adclr.train.config import TrainConfig
 from adclr.train.engine import Trainer, _precision  # the engine's own precision choice, so both parts agree
 from adclr.train.network import build_backbone
-from adclr.train.queries import embed_queries, forward_with_queries, one_way_attention_mask
+from adclr.queries import embed_queries, forward_with_queries, one_way_attention_mask
 from _common import (PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json,
                      write_result)
 

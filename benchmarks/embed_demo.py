@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import adclr  # noqa: F401
 from adclr.evaluate import bundled_scenes_probe
-from adclr.train.checkpoint import load_checkpoint, load_teacher_backbone
+from adclr.load import load_teacher_backbone, read_training_checkpoint
 from adclr.weights import sha256_file
 
 ARCH, TAG = "adclr_vit_mini_patch8", "demo"
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     args = parser.parse_args()
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = read_training_checkpoint(args.checkpoint)
     teacher = load_teacher_backbone(checkpoint)
     model = timm.create_model(ARCH).eval()
     model.load_state_dict(teacher.state_dict())

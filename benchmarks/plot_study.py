@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import adclr  # noqa: E402,F401
 from adclr.evaluate import dense_probe, extract_dense  # noqa: E402
 from adclr.scenes import CLASSES, fashion_scenes  # noqa: E402
-from adclr.train.checkpoint import load_teacher_backbone  # noqa: E402
+from adclr.load import load_teacher_backbone  # noqa: E402
 
 PALETTE = np.array(plt.get_cmap("tab20").colors[:11]) * 255
 

@@ -12,7 +12,8 @@ from PIL import Image, ImageFile, ImageOps
 from skimage import data as skdata
 from torch.utils.data import DataLoader
 
-from adclr.train.data import ImageFolder, MultiCropAugmentation, QueryCropSampler, collate_multicrop, to_rgb
+from adclr.images import ImageFolder, to_rgb
+from adclr.train.data import MultiCropAugmentation, QueryCropSampler, collate_multicrop
 
 SAMPLE_PHOTOS = {"astronaut": skdata.astronaut(), "coffee": skdata.coffee(), "chelsea": skdata.chelsea()}
 MEAN = (0.3, 0.5, 0.7)

@@ -17,7 +17,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from adclr.train import NonFiniteLossError, TrainConfig, Trainer, train
-from adclr.train.checkpoint import CHECKPOINT_NAME, export_teacher, load_checkpoint, save_atomic
+from adclr.load import read_training_checkpoint
+from adclr.train.checkpoint import CHECKPOINT_NAME, export_teacher, save_atomic
 from adclr.train.heads import DINOHead
 
 TINY = dict(arch="test_vit", img_size=32, model_kwargs={"patch_size": 8}, local_crops=2, local_size=16,
@@ -73,11 +74,11 @@ def test_steps_on_a_fixed_batch_lower_the_loss(photo_folder, tmp_path):
 def test_resume_continues_exactly(photo_folder, tmp_path):
     straight = train(_cfg(photo_folder, tmp_path / "straight"))
     _ = train(_cfg(photo_folder, tmp_path / "interrupted"), until_epoch=1)
-    assert load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)["epoch"] == 1
+    assert read_training_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)["epoch"] == 1
     resumed = train(_cfg(photo_folder, tmp_path / "interrupted"), resume=True)
     assert _states_equal(straight.state_dict(), resumed.state_dict())
-    a = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
-    b = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
+    a = read_training_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    b = read_training_checkpoint(tmp_path / "interrupted" / CHECKPOINT_NAME)
     assert _states_equal(a["student"], b["student"]) and _states_equal(a["loss"], b["loss"])
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
 
@@ -92,7 +93,7 @@ def test_resume_refuses_changed_settings(photo_folder, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photo_folder, tmp_path):
     train(_cfg(photo_folder, tmp_path / "good", epochs=1))
-    checkpoint = load_checkpoint(tmp_path / "good" / CHECKPOINT_NAME)
+    checkpoint = read_training_checkpoint(tmp_path / "good" / CHECKPOINT_NAME)
     checkpoint["config"]["epochs"] = 2
     checkpoint["student"]["backbone.patch_embed.proj.weight"].fill_(float("nan"))  # a diverged student
     path = tmp_path / "diverged" / CHECKPOINT_NAME
@@ -113,9 +114,9 @@ def test_variants_log_their_loss_terms(photo_folder, tmp_path, variant, num_quer
     assert all((r["query"] == 0) == (num_queries == 0) for r in steps)
     assert all((r["patch"] > 0) == (variant == "ibot") for r in steps[1:])  # step 0 may draw no masked image
     assert {"lr", "wd", "momentum", "teacher_temp", "images_per_s"} <= steps[0].keys()
-    loss_state = load_checkpoint(tmp_path / CHECKPOINT_NAME)["loss"]
+    loss_state = read_training_checkpoint(tmp_path / CHECKPOINT_NAME)["loss"]
     assert {"cls.center", "query.center", "patch.center"} <= loss_state.keys()
-    assert ("mask_token" in load_checkpoint(tmp_path / CHECKPOINT_NAME)["student"]) == (variant == "ibot")
+    assert ("mask_token" in read_training_checkpoint(tmp_path / CHECKPOINT_NAME)["student"]) == (variant == "ibot")
 
 
 def test_export_round_trip_into_timm(photo_folder, tmp_path):
@@ -145,7 +146,7 @@ def test_two_process_gloo_run_ends_with_identical_weights(photo_folder, tmp_path
     t0 = torch.load(tmp_path / "teacher0.pt", weights_only=True)
     t1 = torch.load(tmp_path / "teacher1.pt", weights_only=True)
     assert _states_equal(t0, t1)
-    checkpoint = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    checkpoint = read_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2  # 16 images / (2 x 2) per step; one RNG per rank
     assert _states_equal(checkpoint["teacher"], t0)
 
@@ -159,5 +160,5 @@ def test_torchrun_command_line(photo_folder, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    checkpoint = read_training_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["num_queries"] == 2 and len(checkpoint["rng"]) == 2

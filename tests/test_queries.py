@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
-from adclr.train.queries import QUERY_ATTENDS, embed_queries, forward_with_queries, one_way_attention_mask
+from adclr.queries import QUERY_ATTENDS, embed_queries, forward_with_queries, one_way_attention_mask
 
 ATOL = 1e-5
 PATCH = 8

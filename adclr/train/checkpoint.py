@@ -1,4 +1,4 @@
-"""Training checkpoints: written atomically, loaded with `weights_only=True`, holding everything `--resume` needs.
+"""Training checkpoints: written atomically, holding everything `--resume` needs; read by `adclr.load.read_training_checkpoint`.
 
 Layout: {'student', 'teacher': SSLNetwork state dicts ('backbone.<timm key>', 'head.*', 'mask_token'), 'optimizer',
 'scaler', 'loss' (the centers), 'epoch' (epochs completed), 'step', 'rng', 'config'}.
@@ -9,13 +9,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from timm.models import VisionTransformer
+from ..load import load_teacher_backbone, read_training_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -59,44 +58,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {path}: pass the checkpoint.pth inside a run's --output "
-                                "(or, for --resume, the --output of the run to continue).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e}). If it is a "
-                           "truncated copy, restore it from the run folder; foreign checkpoints go through "
-                           "`adclr convert`.") from None
-    missing = {"student", "teacher", "config", "epoch"} - set(checkpoint)
-    if missing:
-        raise RuntimeError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
-                           "through `adclr convert`.")
-    return checkpoint
-
-
-def load_teacher_backbone(checkpoint: str | Path | dict[str, Any]) -> "VisionTransformer":
-    """The teacher's backbone of a training checkpoint (a path, or one already loaded with `load_checkpoint`) as a
-    plain timm ViT (fixed input size), in eval mode."""
-    from .config import TrainConfig
-    from .network import build_backbone
-
-    if not isinstance(checkpoint, dict):
-        checkpoint = load_checkpoint(checkpoint)
-    backbone = build_backbone(TrainConfig.from_dict(checkpoint["config"]), dynamic_img_size=False)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)})
-    return backbone.eval()
-
-
 def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> dict[str, Any]:
     """The teacher backbone of a training checkpoint as a plain timm model folder (see `adclr.export`)."""
     from ..export import export_model
     from .config import TrainConfig
 
-    checkpoint = load_checkpoint(checkpoint_path)  # read once: a run's checkpoint also holds optimizer state
+    checkpoint = read_training_checkpoint(checkpoint_path)  # read once: a run's checkpoint also holds optimizer state
     cfg = TrainConfig.from_dict(checkpoint["config"])
     card.setdefault("source", f"adclr train ({cfg.variant}, {cfg.num_queries} queries, {checkpoint['epoch']} epochs, "
                               f"data {cfg.data})")

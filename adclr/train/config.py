@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .queries import QUERY_ATTENDS, QUERY_POS
+from ..queries import QUERY_ATTENDS, QUERY_POS
 
 VARIANTS = ("dino", "ibot")
 

@@ -22,9 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_atomic
+from ..load import read_training_checkpoint
+from .checkpoint import CHECKPOINT_NAME, capture_rng, restore_rng, save_atomic
 from .config import TrainConfig
-from .data import ImageFolder, MultiCropAugmentation, collate_multicrop
+from ..images import ImageFolder
+from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
 from .losses import ADCLRLoss
 from .masking import block_masks
@@ -157,7 +159,7 @@ class Trainer:
         return dataset, sampler, loader
 
     def _resume(self) -> None:
-        checkpoint = load_checkpoint(self.output / CHECKPOINT_NAME)
+        checkpoint = read_training_checkpoint(self.output / CHECKPOINT_NAME)
         _check_resumable(checkpoint["config"], self.cfg)
         self.student.load_state_dict(checkpoint["student"])
         self.teacher.load_state_dict(checkpoint["teacher"])

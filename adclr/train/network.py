@@ -11,8 +11,9 @@ import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
+from ..load import create_vit
 from .heads import DINOHead
-from .queries import forward_with_queries
+from ..queries import forward_with_queries
 
 
 class SSLNetwork(nn.Module):
@@ -65,18 +66,12 @@ class SSLNetwork(nn.Module):
 
 def build_backbone(cfg, *, drop_path: float = 0.0, dynamic_img_size: bool = True) -> VisionTransformer:
     """The run's timm ViT; training uses `dynamic_img_size` so global and local crops share one position table."""
-    import timm
-
     kwargs = dict(cfg.model_kwargs)
     if dynamic_img_size:
         kwargs["dynamic_img_size"] = True
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
-    backbone = timm.create_model(cfg.arch, pretrained=False, num_classes=0, img_size=cfg.img_size, **kwargs)
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(f"--arch {cfg.arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
-                        "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
-    return backbone
+    return create_vit(cfg.arch, img_size=cfg.img_size, **kwargs)
 
 
 def build_network(cfg, *, drop_path: float = 0.0) -> SSLNetwork:
