@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import scenes as fashion
 from .images import ImageFolder
 from .load import load_model
+from .vit import fixed_input_size
 
 TASKS = ("knn", "linear", "seg")
 #: Mask value that segmentation losses and scores skip (the ADE20K / mmseg convention).
@@ -34,14 +35,6 @@ Images = np.ndarray | torch.Tensor | Iterable
 
 
 # ---------------------------------------------------------------- features
-
-
-def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """The (H, W) a ViT insists on, or None when it takes any size (dynamic_img_size, non-strict patch embed, CNNs)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or getattr(model, "dynamic_img_size", False) or not patch_embed.strict_img_size:
-        return None
-    return tuple(patch_embed.img_size)
 
 
 def _batches(images: Images, batch_size: int) -> Iterator[np.ndarray | torch.Tensor]:
@@ -82,7 +75,7 @@ def _extract(model: nn.Module, images: Images, forward: Callable[[torch.Tensor],
     config = resolve_model_data_config(model)
     mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1)
-    size = (size, size) if isinstance(size, int) else (tuple(size) if size else _fixed_input_size(model))
+    size = (size, size) if isinstance(size, int) else (tuple(size) if size else fixed_input_size(model))
     if isinstance(images, np.ndarray | torch.Tensor):
         total = math.ceil(len(images) / batch_size)
     else:
@@ -406,7 +399,7 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
         "n_train": len(train),
         "n_test": len(test),
         "feature_shape": list(train.shape[1:]),
-        "image_size": [image_size] * 2 if image_size else _fixed_input_size(model),
+        "image_size": [image_size] * 2 if image_size else fixed_input_size(model),
         "settings": settings,
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),

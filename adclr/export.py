@@ -12,6 +12,7 @@ import timm
 from timm.models import VisionTransformer, save_for_hf
 
 from .models import TIMM_EQUIVALENT
+from .vit import check_vit
 from .weights import sha256_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -21,8 +22,7 @@ ADCLR_METHOD = ("ADCLR (Zhang et al., ICLR 2023, arXiv:2306.13337); its query to
 
 def timm_architecture(model: VisionTransformer) -> tuple[str, dict[str, Any]]:
     """(built-in timm architecture, model_args) that rebuild `model` exactly with plain timm."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"export expects a timm VisionTransformer, got {type(model).__name__}.")
+    check_vit(model, conv_patch_embed=False)
     arch = model.pretrained_cfg.get("architecture") or ""
     builtin = TIMM_EQUIVALENT.get(arch, arch)
     if builtin not in timm.list_models() or builtin.startswith("adclr_"):

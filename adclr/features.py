@@ -21,19 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 from timm.data import resolve_model_data_config
 from timm.data.transforms import str_to_interp_mode
-from timm.layers import Attention, Format, PatchEmbed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .images import load_rgb, to_rgb
 from .queries import forward_with_queries
+from .vit import any_input_size, check_standard_blocks, check_vit, first_row_attention, pad_to_patch, \
+    tokens_before_blocks
 
 #: The small ViT shipped with the package (depth 6, width 192, patch 8, 64 px, trained on Fashion-MNIST scenes).
 DEMO_MODEL = "adclr_vit_mini_patch8.demo"
@@ -44,30 +44,6 @@ Size = int | tuple[int, int] | None
 
 
 # ---------------------------------------------------------------- model state
-
-
-def _check_vit(model: nn.Module) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer) or not isinstance(model.patch_embed, PatchEmbed):
-        raise TypeError(f"expected a timm VisionTransformer with the standard PatchEmbed, got {type(model).__name__}; "
-                        "load the backbone with timm.create_model or adclr.load.load_model")
-    return model
-
-
-@contextmanager
-def any_input_size(model: VisionTransformer) -> Iterator[VisionTransformer]:
-    """Let a (fixed-size) timm ViT take any input whose sides are patch multiples, for one block of code.
-
-    Switches on timm's own dynamic-size path (``dynamic_img_size``, non-strict NHWC patch embedding) and restores the
-    four attributes afterwards, also on errors. Not for concurrent use of one model from several threads.
-    """
-    patch_embed = _check_vit(model).patch_embed
-    saved = (model.dynamic_img_size, patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt)
-    model.dynamic_img_size, patch_embed.strict_img_size = True, False
-    patch_embed.flatten, patch_embed.output_fmt = False, Format.NHWC
-    try:
-        yield model
-    finally:
-        model.dynamic_img_size, patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt = saved
 
 
 @contextmanager
@@ -131,9 +107,7 @@ def _resized(model: nn.Module, x: Tensor, size: Size) -> Tensor:
 
 def _padded(model: VisionTransformer, x: Tensor) -> Tensor:
     """Zero-pad right/bottom to patch multiples and move to the model's device and dtype."""
-    ph, pw = model.patch_embed.patch_size
-    height, width = x.shape[-2:]
-    x = F.pad(x, (0, -width % pw, 0, -height % ph))
+    x = pad_to_patch(model, x)
     parameter = next(model.parameters())
     return x.to(device=parameter.device, dtype=parameter.dtype)
 
@@ -179,7 +153,7 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
     (0-based, negative from the end) whose patch maps to add as ``layer<i>`` (i non-negative), through timm's
     ``forward_intermediates``; ``norm`` applies the final norm to them. Outputs stay on the model's device and dtype.
     """
-    vit = _check_vit(model)
+    vit = check_vit(model)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if isinstance(images, Tensor) or not isinstance(images, Sequence) or isinstance(images, str):
@@ -287,24 +261,18 @@ def attention_maps(model: nn.Module, image: ImageLike | Tensor, *, size: Size = 
     qkv (and q/k norms) for the [CLS] row. Values are the raw softmax weights, so over patches they sum to 1 minus
     what [CLS] (and any register tokens) receive. ``image`` and ``size`` as for one image of `extract_features`.
     """
-    vit = _check_vit(model)
+    vit = check_vit(model)
     if vit.cls_token is None:
         raise ValueError("attention_maps needs a ViT with a [CLS] token (class_token=True)")
-    last = vit.blocks[-1]
-    if type(last) is not Block or type(last.attn) is not Attention:
-        raise TypeError(f"the last block is {type(last).__name__} with {type(getattr(last, 'attn', None)).__name__}; "
-                        "attention_maps supports timm's standard Block with the standard Attention")
+    check_standard_blocks(vit.blocks[-1:], "attention_maps")
     x = _padded(vit, _resized(vit, _normalised(vit, image), size))
     ph, pw = vit.patch_embed.patch_size
     with _inference(vit):
-        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        tokens = tokens_before_blocks(vit, x)
         for block in vit.blocks[:-1]:
             tokens = block(tokens)
-        q, k, _ = rearrange(last.attn.qkv(last.norm1(tokens)), "b t (three n d) -> three b n t d", three=3,
-                            n=last.attn.num_heads)
-        q, k = last.attn.q_norm(q[:, :, :1]), last.attn.k_norm(k)
-        weights = (q * last.attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
-    patches = weights[0, :, 0, vit.num_prefix_tokens:].float()
+        weights = first_row_attention(vit.blocks[-1], tokens)
+    patches = weights[0, :, vit.num_prefix_tokens:].float()
     return rearrange(patches, "n (h w) -> n h w", h=x.shape[-2] // ph, w=x.shape[-1] // pw)
 
 
@@ -362,7 +330,7 @@ def embed_regions(model: nn.Module, image: ImageLike | Tensor, boxes: Tensor | n
     ``size``) through the one-way attention of training (`adclr.train.queries.forward_with_queries`, each query
     sees [CLS] + image + itself) and come out after the final norm. Box coordinates are rounded outwards to pixels.
     """
-    vit = _check_vit(model)
+    vit = check_vit(model)
     full = _normalised(vit, image)
     height, width = full.shape[-2:]
     boxes = _checked_boxes(boxes, height, width)
@@ -399,7 +367,7 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike) -> Pa
 
 def pixel_pca(model: nn.Module, patch: Tensor, input_size: tuple[int, int]) -> np.ndarray:
     """PCA picture of one (C, h, w) map at pixel scale, cropped to the (H, W) input it came from (padding dropped)."""
-    ph, pw = _check_vit(model).patch_embed.patch_size
+    ph, pw = check_vit(model).patch_embed.patch_size
     h, w = patch.shape[-2:]
     return pca_image(patch, size=(h * ph, w * pw))[:input_size[0], :input_size[1]]
 

@@ -39,7 +39,7 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
 def create_vit(arch: str, *, img_size: int, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model(arch)`` without classifier and weights, checked to be a ViT (ADCLR's queries need one)."""
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
-    if not isinstance(backbone, VisionTransformer):
+    if not isinstance(backbone, VisionTransformer):  # checked here to name the arch; adclr.vit checks given models
         raise TypeError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
                         "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
     return backbone

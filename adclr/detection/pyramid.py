@@ -12,11 +12,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
-from timm.layers.format import Format
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from adclr.detection.layer_decay import vit_layer_id
+from adclr.vit import allow_any_input_size, check_vit, pad_to_patch
 
 NORMS = ('LN', '')
 
@@ -60,22 +60,14 @@ def _as_dynamic_vit(backbone: str | VisionTransformer) -> VisionTransformer:
     """A timm ViT that accepts any patch-multiple input size (pos-embed resampled per call)."""
     if isinstance(backbone, str):
         backbone = timm.create_model(backbone, pretrained=False, dynamic_img_size=True)
-    if not isinstance(backbone, VisionTransformer):
-        raise TypeError(
-            f'expected a timm VisionTransformer or its registry name, got {type(backbone).__name__}; '
-            "create one with timm.create_model('adclr_vit_small', pretrained=True, dynamic_img_size=True)")
+    check_vit(backbone)
     ph, pw = backbone.patch_embed.patch_size
     if ph != pw:
         raise ValueError(f'the pyramid needs square patches, the ViT has {ph}x{pw}; use a square patch size')
     if not isinstance(backbone.patch_drop, nn.Identity):
         raise ValueError('patch dropout removes tokens, so no dense map can be formed; create the ViT with '
                          'patch_drop_rate=0')
-    if not backbone.dynamic_img_size:  # same switches timm sets when built with dynamic_img_size=True
-        backbone.patch_embed.strict_img_size = False
-        backbone.patch_embed.flatten = False
-        backbone.patch_embed.output_fmt = Format.NHWC
-        backbone.dynamic_img_size = True
-    return backbone
+    return allow_any_input_size(backbone)
 
 
 def _layer_indices(depth: int, levels: int, multi_layer: bool, given: Sequence[int] | None) -> list[int]:
@@ -154,9 +146,7 @@ class SimpleFeaturePyramid(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
-        pad_h, pad_w = (-x.shape[-2]) % self.patch_size, (-x.shape[-1]) % self.patch_size
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-        maps = self.backbone.forward_intermediates(x, indices=self.layer_indices, intermediates_only=True)
+        maps = self.backbone.forward_intermediates(pad_to_patch(self.backbone, x), indices=self.layer_indices, intermediates_only=True)
         if len(maps) == 1:
             maps = maps * len(self.stages)
         out = OrderedDict((str(i), stage(m)) for i, (stage, m) in enumerate(zip(self.stages, maps)))
