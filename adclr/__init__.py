@@ -4,7 +4,8 @@ Importing the package registers the `adclr_vit_*` architectures with timm (`timm
 pretrained cfgs from the weights manifest.
 """
 from . import models as models  # registers the architectures with timm
-from .features import attention_image, attention_maps, embed_regions, extract_features, pca_image
+from .features import attention_maps, embed_regions, extract_features
+from .pictures import attention_image, pca_image
 from .manifest import ManifestError, WeightsEntry, load_manifest
 from .weights import ChecksumMismatchError, WeightsUnavailableError, fetch_verified
 

@@ -19,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from .load import load_model
-from .features import DEMO_MODEL, attention_image, attention_maps, extract_features, pca_image
+from .features import DEMO_MODEL, attention_maps, extract_features
+from .pictures import attention_image, pca_image
 from .images import load_rgb
 
 SAMPLES_PACKAGE, SAMPLES_FOLDER = "adclr.assets", "samples"

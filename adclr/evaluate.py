@@ -1,8 +1,8 @@
-"""Evaluation on frozen features: DINO's weighted k-NN, a linear probe, a linear dense (segmentation) probe.
+"""Evaluation data sources and the one-call run: Fashion-MNIST items and scenes, class folders, arrays -> a score.
 
-The backbone never trains here: features are extracted once (no grad, eval mode) and the probes are single linear
-layers, so a score measures the representation and not a head. ``evaluate`` ties model loading, data and probe into one
-call that returns a JSON-able record; ``adclr eval`` is a thin layer over it.
+``evaluate`` loads a backbone (`adclr.load`), feeds the data through the one extractor (`adclr.features`) and scores
+the frozen features with a probe (`adclr.probes`); it returns a JSON-able record and ``adclr eval`` is a thin layer
+over it.
 """
 from __future__ import annotations
 
@@ -10,26 +10,25 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import scenes as fashion
+from .features import extract_features
 from .images import ImageFolder
 from .load import load_model
+from .probes import IGNORE_INDEX, count_classes, dense_probe, knn_accuracy, linear_probe
 from .vit import fixed_input_size
 
 TASKS = ("knn", "linear", "seg")
-#: Mask value that segmentation losses and scores skip (the ADE20K / mmseg convention).
-IGNORE_INDEX = 255
 
 Images = np.ndarray | torch.Tensor | Iterable
 
@@ -48,29 +47,24 @@ def _batches(images: Images, batch_size: int) -> Iterator[np.ndarray | torch.Ten
 
 
 def _to_input(batch: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-              size: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
+              device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) arrays -> normalised float (B, 3, H, W); float tensors are taken as normalised already."""
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; convert "
                              "gray items with adclr.scenes.items_to_rgb")
-        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-    elif isinstance(batch, torch.Tensor) and batch.is_floating_point() and batch.ndim == 4 and batch.shape[1] == 3:
-        x = batch.to(device)
-    else:
-        got = f"{batch.dtype} {tuple(batch.shape)}" if hasattr(batch, "shape") else type(batch).__name__
-        raise ValueError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
-                         f"got {got}")
-    if size is not None and tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return x
+        return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+    if isinstance(batch, torch.Tensor) and batch.is_floating_point() and batch.ndim == 4 and batch.shape[1] == 3:
+        return batch.to(device)
+    got = f"{batch.dtype} {tuple(batch.shape)}" if hasattr(batch, "shape") else type(batch).__name__
+    raise ValueError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
+                     f"got {got}")
 
 
-@torch.inference_mode()
-def _extract(model: nn.Module, images: Images, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-             size: int | tuple[int, int] | None, progress: bool, desc: str) -> torch.Tensor:
-    """Run ``forward`` over all images on the model's device in eval mode; float32 CPU output; the model's
-    train/eval mode is restored."""
+def _extract(model: nn.Module, images: Images, key: str, batch_size: int, size: int | tuple[int, int] | None,
+             progress: bool, desc: str) -> torch.Tensor:
+    """``extract_features(...)[key]`` over all images, float32 on the CPU; size: int -> square, default the fixed
+    input size of a fixed-size ViT, else the images' own."""
     device = next(model.parameters()).device
     config = resolve_model_data_config(model)
     mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1)
@@ -80,13 +74,8 @@ def _extract(model: nn.Module, images: Images, forward: Callable[[torch.Tensor],
         total = math.ceil(len(images) / batch_size)
     else:
         total = len(images) if hasattr(images, "__len__") else None
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = [forward(_to_input(b, mean, std, size, device)).float().cpu()
-                   for b in tqdm(_batches(images, batch_size), total=total, desc=desc, disable=not progress)]
-    finally:
-        model.train(was_training)
+    outputs = [extract_features(model, _to_input(b, mean, std, device), size=size, batch_size=batch_size)[key]
+               .float().cpu() for b in tqdm(_batches(images, batch_size), total=total, desc=desc, disable=not progress)]
     if not outputs:
         raise ValueError("no images to extract features from; pass at least one image")
     return torch.cat(outputs)
@@ -94,182 +83,19 @@ def _extract(model: nn.Module, images: Images, forward: Callable[[torch.Tensor],
 
 def extract_global(model: nn.Module, images: Images, batch_size: int = 128, size: int | tuple[int, int] | None = None,
                    progress: bool = False) -> torch.Tensor:
-    """(N, C) image features: the model's pooled pre-logits output ([CLS] token after the final norm for a ViT).
+    """(N, C) image features: ``extract_features``'s ``cls`` (the [CLS] token after the final norm for a ViT).
 
     ``images``: uint8 (N, H, W, 3) numpy (normalised with the model's data config), normalised float (N, 3, H, W)
-    tensor, or a DataLoader of those (or of (image, label) pairs). Inputs are resized (bilinear) to ``size``, by
-    default to the input size of a fixed-size ViT; other models see the images as given.
+    tensor, or a DataLoader of those (or of (image, label) pairs). Inputs are resized as `adclr.features` resizes
+    them, to ``size`` (an int is a square side), by default to the input size of a fixed-size ViT.
     """
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-    return _extract(model, images, forward, batch_size, size, progress, "global features")
+    return _extract(model, images, "cls", batch_size, size, progress, "global features")
 
 
 def extract_dense(model: nn.Module, images: Images, batch_size: int = 128, size: int | tuple[int, int] | None = None,
                   progress: bool = False) -> torch.Tensor:
     """(N, C, h, w) patch feature maps of the last block after the final norm; inputs as for `extract_global`."""
-    if not hasattr(model, "forward_intermediates"):
-        raise TypeError(f"{type(model).__name__} has no forward_intermediates; use a timm model that has it (any ViT)")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[-1]
-    return _extract(model, images, forward, batch_size, size, progress, "patch features")
-
-
-# ---------------------------------------------------------------- probes
-
-
-def _num_classes(num_classes: int | None, *labels: torch.Tensor, ignore_index: int | None = None) -> int:
-    valid = [t[t != ignore_index] if ignore_index is not None else t for t in labels]
-    largest = max(int(t.max()) for t in valid if t.numel())
-    if min(int(t.min()) for t in valid if t.numel()) < 0:
-        raise ValueError("labels must be >= 0 (class indices)")
-    if num_classes is None:
-        return largest + 1
-    if largest >= num_classes:
-        raise ValueError(f"a label is {largest} but num_classes={num_classes}; pass num_classes > {largest}")
-    return num_classes
-
-
-def _check_pairs(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 label_dims: int) -> None:
-    for name, x, y in (("train", train, train_labels), ("test", test, test_labels)):
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"{name}: {len(x)} feature rows for {len(y)} labels; pass one label per row, >= 1 row")
-        if y.ndim != label_dims:
-            raise ValueError(f"{name} labels must be {label_dims}-d, got shape {tuple(y.shape)}")
-    if train.shape[1] != test.shape[1]:
-        raise ValueError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract both with "
-                         "the same model")
-
-
-def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk_size: int = 256) -> float:
-    """Top-1 % of DINO's weighted k-NN: cosine similarity, the k nearest vote with weight exp(sim / T) per class."""
-    _check_pairs(train_feats, train_labels, test_feats, test_labels, label_dims=1)
-    if not 1 <= k <= len(train_feats):
-        raise ValueError(f"k={k} must be between 1 and the {len(train_feats)} training samples; lower k")
-    num_classes = _num_classes(num_classes, train_labels, test_labels)
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
-    correct = 0
-    for rows, labels in zip(test.split(chunk_size), test_labels.split(chunk_size)):
-        sims, idx = (rows @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(rows), num_classes, device=rows.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        correct += int((votes.argmax(1) == labels).sum())
-    return 100.0 * correct / len(test)
-
-
-def _standardise(train: torch.Tensor, test: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero mean, unit variance per feature / channel, with the train statistics (a scale-free lr for the probe)."""
-    mean, std = train.float().mean(dims, keepdim=True), train.float().std(dims, keepdim=True).clamp_min(1e-6)
-    return (train.float() - mean) / std, (test.float() - mean) / std
-
-
-def _fit(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], epochs: int, lr: float, weight_decay: float,
-         batch_size: int, optimizer: str, generator: torch.Generator, progress: bool, desc: str) -> None:
-    """Minibatch training of a probe: AdamW or SGD (momentum 0.9), cosine schedule, seeded shuffling."""
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use 'adamw' or 'sgd'")
-    steps = epochs * math.ceil(len(inputs) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    layer.train()
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress):
-        for idx in torch.randperm(len(inputs), generator=generator).to(inputs.device).split(batch_size):
-            loss = loss_fn(layer(inputs[idx]), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    layer.eval()
-
-
-def _init_probe(layer: nn.Linear | nn.Conv2d, generator: torch.Generator) -> nn.Module:
-    """DINO's linear-eval init (weights N(0, 0.01), zero bias), drawn from the probe's own generator."""
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
-        layer.bias.zero_()
-    return layer
-
-
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 batch_size: int = 256, optimizer: str = "adamw", num_classes: int | None = None, seed: int = 0,
-                 progress: bool = False) -> float:
-    """Top-1 % of a linear classifier trained on frozen, standardised features (runs on the features' device)."""
-    _check_pairs(train_feats, train_labels, test_feats, test_labels, label_dims=1)
-    num_classes = _num_classes(num_classes, train_labels, test_labels)
-    train, test = _standardise(train_feats, test_feats, dims=(0,))
-    generator = torch.Generator().manual_seed(seed)
-    layer = _init_probe(nn.Linear(train.shape[1], num_classes), generator).to(train.device)
-    _fit(layer, train, train_labels, F.cross_entropy, epochs, lr, weight_decay, batch_size, optimizer, generator,
-         progress, "linear probe")
-    with torch.no_grad():
-        predictions = torch.cat([layer(rows).argmax(1) for rows in test.split(4096)])
-    return 100.0 * float((predictions == test_labels).float().mean())
-
-
-def segmentation_scores(confusion: torch.Tensor) -> dict[str, float]:
-    """mIoU and pixel accuracy in % from a (K, K) confusion matrix (rows: ground truth, columns: prediction).
-
-    mIoU averages IoU over the classes present in the ground truth or the prediction (union > 0), background
-    included when it is a class; classes absent from both are left out rather than counted as 0 or 100.
-    """
-    confusion = confusion.double()
-    hits = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - hits
-    present = union > 0
-    return {"miou": 100.0 * float((hits[present] / union[present]).mean()),
-            "pixel_acc": 100.0 * float(hits.sum() / confusion.sum())}
-
-
-def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """(K, K) int64 pixel counts, rows ground truth, columns prediction; ``ignore_index`` pixels are skipped."""
-    keep = target != ignore_index
-    flat = target[keep].long() * num_classes + prediction[keep].long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()
-
-
-def dense_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, test_maps: torch.Tensor,
-                test_masks: torch.Tensor, num_classes: int | None = None, epochs: int = 50, lr: float = 1e-2,
-                weight_decay: float = 1e-4, batch_size: int = 32, optimizer: str = "adamw",
-                ignore_index: int = IGNORE_INDEX, seed: int = 0, progress: bool = False,
-                return_predictions: bool = False) -> dict[str, Any]:
-    """A 1x1 linear layer on frozen, channel-standardised patch maps (N, C, h, w), trained with cross-entropy on
-    its logits upsampled bilinearly to the mask size (N, H, W); -> {'miou', 'pixel_acc'} in % on the test set
-    (plus 'predictions' (N, H, W) for the test set with `return_predictions`, e.g. to draw them)."""
-    _check_pairs(train_maps, train_masks, test_maps, test_masks, label_dims=3)
-    num_classes = _num_classes(num_classes, train_masks, test_masks, ignore_index=ignore_index)
-    train, test = _standardise(train_maps, test_maps, dims=(0, 2, 3))
-    train_masks, test_masks = train_masks.long(), test_masks.long()
-    generator = torch.Generator().manual_seed(seed)
-    layer = _init_probe(nn.Conv2d(train.shape[1], num_classes, kernel_size=1), generator).to(train.device)
-
-    def upsampled(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-    def loss_fn(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(upsampled(logits, masks.shape[-2:]), masks, ignore_index=ignore_index)
-
-    _fit(layer, train, train_masks, loss_fn, epochs, lr, weight_decay, batch_size, optimizer, generator, progress,
-         "dense probe")
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    predictions = []
-    with torch.no_grad():
-        for maps, masks in zip(test.split(batch_size), test_masks.split(batch_size)):
-            prediction = upsampled(layer(maps), masks.shape[-2:]).argmax(1)
-            confusion += confusion_matrix(prediction, masks, num_classes, ignore_index)
-            predictions.append(prediction)
-    scores = segmentation_scores(confusion)
-    return scores | {"predictions": torch.cat(predictions)} if return_predictions else scores
+    return _extract(model, images, "patch", batch_size, size, progress, "patch features")
 
 
 # ---------------------------------------------------------------- data and the one-call evaluation
@@ -320,7 +146,7 @@ def _load_data(data: str | os.PathLike | Mapping, task: str, model: nn.Module, *
         splits = {name: (data[name][0], torch.as_tensor(np.asarray(data[name][1]), dtype=torch.int64))
                   for name in ("train", "test")}
         ignore = IGNORE_INDEX if task == "seg" else None
-        return splits, _num_classes(None, *(targets for _, targets in splits.values()), ignore_index=ignore)
+        return splits, count_classes(None, *(targets for _, targets in splits.values()), ignore_index=ignore)
     if data == "fashion-scenes":
         if task != "seg":
             raise ValueError("data='fashion-scenes' is for the seg task; use data='fashion-mnist' for knn/linear")
@@ -357,8 +183,8 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
     subsets), an image folder ROOT with train/ and val/ (or test/) class sub-folders, or {'train': (uint8 (N, H, W, 3),
     labels), 'test': ...}. task 'seg': data='fashion-scenes' (the default; ``n_train``/``n_test`` scenes of
     ``scene_size`` px, fixed seeds) or the same mapping with (N, H, W) masks. Images are fed at ``image_size`` if
-    given, else at a fixed-size ViT's input size (bilinear resize per batch), else as they are. ``batch_size`` is
-    the extraction batch; probe settings left as None take the probe function's defaults; the record states the
+    given, else at a fixed-size ViT's input size, else as they are (resized as `adclr.features` resizes).
+    ``batch_size`` is the extraction batch; probe settings left as None take the probe function's defaults; the record states the
     values used.
     """
     if task not in TASKS:

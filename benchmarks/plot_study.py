@@ -20,7 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import adclr  # noqa: E402,F401
-from adclr.evaluate import dense_probe, extract_dense  # noqa: E402
+from adclr.evaluate import extract_dense  # noqa: E402
+from adclr.probes import dense_probe  # noqa: E402
 from adclr.scenes import CLASSES, fashion_scenes  # noqa: E402
 from adclr.load import load_teacher_backbone  # noqa: E402
 

@@ -20,15 +20,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from adclr.demo import bundled_samples, run_demo
 from adclr.export import export_model
-from adclr.features import (
-    any_input_size,
-    attention_image,
-    attention_maps,
-    embed_regions,
-    extract_features,
-    pca_image,
-    write_features,
-)
+from adclr.features import attention_maps, embed_regions, extract_features, write_features
+from adclr.pictures import attention_image, pca_image
+from adclr.vit import any_input_size
 
 torch.set_num_threads(1)
 PATCH = 8
