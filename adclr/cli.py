@@ -27,26 +27,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--num-queries for num_queries), so the CLI and the config never drift apart."""
+def add_config_flags(p: argparse.ArgumentParser, config: type, required: Sequence[str] = ()) -> None:
+    """One flag per dataclass field (--num-queries for num_queries), so the CLI and the config never drift apart.
+
+    A field's metadata may give ``help``, ``choices`` and ``type`` (needed where the default is None)."""
     import dataclasses
 
+    defaults = config()
+    for f in dataclasses.fields(config):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        kwargs = {"default": default, "help": f.metadata.get("help")}
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), **kwargs)
+        elif isinstance(default, dict):
+            p.add_argument(flag, type=_json_object, metavar="JSON", **kwargs)
+        else:
+            p.add_argument(flag, type=f.metadata.get("type") or type(default), choices=f.metadata.get("choices"),
+                           required=f.name in required, **kwargs)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
     from .train.config import TrainConfig
 
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple):
-            p.add_argument(flag, type=float, nargs=2, default=default, metavar=("LOW", "HIGH"))
-        elif isinstance(default, dict):
-            p.add_argument(flag, type=_json_object, default=default, metavar="JSON",
-                           help='extra timm.create_model arguments, e.g. \'{"depth": 6, "patch_size": 8}\'')
-        elif f.name == "query_size":
-            p.add_argument(flag, type=int, default=None, help="query crop size in pixels (default: the patch size)")
-        else:
-            p.add_argument(flag, type=type(default), default=default, required=f.name == "data")
+    add_config_flags(p, TrainConfig, required=("data",))
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
 
 
@@ -112,11 +117,6 @@ def _add_card_args(p: argparse.ArgumentParser) -> None:
                    help="a result to list, repeatable (e.g. --metric knn_top1=74.2)")
 
 
-def _user_error(command: str, error: Exception) -> int:
-    print(f"adclr {command}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint: .pth/.pt (read with weights_only=True) or .safetensors")
     p.add_argument("--arch", required=True, help="timm architecture, e.g. adclr_vit_small or vit_base_patch16_224")
@@ -137,13 +137,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a DINO/iBOT/ADCLR or timm checkpoint into a folder that plain timm loads."""
     from .convert import convert_checkpoint
 
-    try:
-        info = convert_checkpoint(args.src, args.arch, args.out, key=args.key,
-                                  dino_interpolation=args.dino_interpolation, img_size=args.img_size,
-                                  license=args.license, description=args.description, source=args.source,
-                                  metrics=dict(args.metric), **args.model_args)
-    except (ValueError, FileNotFoundError) as e:
-        return _user_error("convert", e)
+    info = convert_checkpoint(args.src, args.arch, args.out, key=args.key, dino_interpolation=args.dino_interpolation,
+                              img_size=args.img_size, license=args.license, description=args.description,
+                              source=args.source, metrics=dict(args.metric), **args.model_args)
     print(f"wrote {args.out}: timm {info['architecture']}, {_megabytes(info['size_bytes'])}, sha256 {info['sha256']}")
     print(f"check it: timm.create_model('local-dir:{args.out}', pretrained=True); publish it: "
           f"adclr publish {args.out} --repo ORG/NAME")
@@ -164,11 +160,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Validate an exported folder, optionally push it, and print its weights_manifest/weights.toml entry."""
     from .publish import publish
 
-    try:
-        entry = publish(args.folder, args.repo, name=args.name, revision=args.revision, push=args.push,
-                        description=args.description, source=args.source, metrics=dict(args.metric))
-    except ValueError as e:
-        return _user_error("publish", e)
+    entry = publish(args.folder, args.repo, name=args.name, revision=args.revision, push=args.push,
+                    description=args.description, source=args.source, metrics=dict(args.metric))
     print(f"{args.folder} loads with plain timm; add this entry to weights_manifest/weights.toml:", file=sys.stderr)
     print(entry, end="")
     return 0
@@ -182,10 +175,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Download (or read from cache) manifest weights and check each sha256; non-zero exit on any failure."""
     from .publish import verify
 
-    try:
-        checks = verify(args.names)
-    except ValueError as e:
-        return _user_error("verify", e)
+    checks = verify(args.names)
     for check in checks:
         print(f"{check.status:<8}  {check.name}  {check.detail}")
     failed = sum(not check.ok for check in checks)
@@ -195,50 +185,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=("knn", "linear", "seg"),
+    """The task, the model and the data, then one flag per EvalConfig field."""
+    from .evaluate import EvalConfig, TASKS
+
+    p.add_argument("task", choices=TASKS,
                    help="knn: DINO weighted k-NN; linear: linear probe; seg: 1x1 linear probe on patch maps")
     p.add_argument("--model", required=True,
                    help="timm name (with --pretrained for its weights), local-dir:PATH, hf-hub:ORG/REPO, or a "
                         "training checkpoint .pth")
-    p.add_argument("--pretrained", action="store_true", help="load the timm name's pretrained weights")
     p.add_argument("--data", default=None,
                    help="fashion-mnist (knn/linear, the default), fashion-scenes (seg, the default), or an image "
                         "folder ROOT with train/ and val/ class sub-folders (knn/linear)")
-    p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST idx files "
-                                                     "(default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="feed images at this size (default: the model's fixed input size)")
-    p.add_argument("--limit-train", type=int, default=None, help="seeded random subset of the training images")
-    p.add_argument("--limit-test", type=int, default=None, help="seeded random subset of the test images")
-    p.add_argument("--n-train", type=int, default=2000, help="seg: training scenes")
-    p.add_argument("--n-test", type=int, default=500, help="seg: test scenes")
-    p.add_argument("--scene-size", type=int, default=64, help="seg: scene side in pixels")
-    p.add_argument("--k", type=int, default=20, help="knn: neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
-    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default 100 linear, 50 seg)")
-    p.add_argument("--lr", type=float, default=None, help="probe learning rate (default 1e-3 linear, 1e-2 seg)")
-    p.add_argument("--weight-decay", type=float, default=None, help="probe weight decay (default 1e-4)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_flags(p, EvalConfig)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the record to this file")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a backbone's frozen features: k-NN, linear probe, or dense segmentation probe."""
+    import dataclasses
     import json
     from pathlib import Path
 
-    from .evaluate import evaluate
+    from .evaluate import EvalConfig, evaluate
 
-    record = evaluate(
-        args.model, args.task, args.data, pretrained=args.pretrained, data_root=args.data_root,
-        image_size=args.image_size, limit_train=args.limit_train, limit_test=args.limit_test, n_train=args.n_train,
-        n_test=args.n_test, scene_size=args.scene_size, k=args.k, temperature=args.temperature, epochs=args.epochs,
-        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, seed=args.seed)
+    config = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    record = evaluate(args.model, args.task, args.data, config)
     scores = (f"mIoU {record['miou']:.2f}%  pixel acc {record['pixel_acc']:.2f}%" if args.task == "seg"
               else f"top-1 {record['top1']:.2f}%")
     print(f"{args.task} {scores}  ({record['model']} on {record['data']}, {record['n_train']} train / "
@@ -341,8 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; an error the user can fix (`adclr.errors.ADCLRError`) ends in one line on stderr and
+    exit status 2, its traceback only with ADCLR_DEBUG=1. Any other exception is a bug and keeps its traceback."""
+    import os
+
+    from .errors import ADCLRError
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ADCLRError as error:
+        if os.environ.get("ADCLR_DEBUG") == "1":
+            raise
+        print(f"adclr {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer
 
+from .errors import InvalidSettingError, MissingFileError
 from .export import export_model
 
 WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -40,18 +41,18 @@ def load_checkpoint(path: str | Path) -> Mapping[str, Any]:
     """Read a checkpoint without executing code: safetensors, or torch pickles under `weights_only=True`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pth/.pt/.safetensors file.")
+        raise MissingFileError(f"checkpoint {path} does not exist; pass the path of a .pth/.pt/.safetensors file.")
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type '{path.suffix}'; expected .safetensors or one of "
+        raise InvalidSettingError(f"{path}: unsupported file type '{path.suffix}'; expected .safetensors or one of "
                          f"{', '.join(PICKLE_SUFFIXES)} (a torch.save file).")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"GLOBAL (\S+)", str(e))
-        raise ValueError(
+        raise InvalidSettingError(
             f"{path} was refused: it holds pickled objects other than tensors and plain containers "
             f"({refused.group(1) if refused else str(e).splitlines()[0]}), and loading it could run code. Nothing "
             "was executed. If you trust the file, re-save only its tensors (e.g. torch.save(ckpt['teacher'], "
@@ -65,13 +66,13 @@ def _is_state_dict(obj: Mapping[str, Any]) -> bool:
 def _network_state(obj: Any, key: str) -> Mapping[str, torch.Tensor]:
     """The state dict to convert: the checkpoint itself when bare, else its `key` network."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors or a training "
+        raise InvalidSettingError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors or a training "
                          "checkpoint dict; save the model's state_dict() instead.")
     if _is_state_dict(obj):
         return obj
     networks = sorted(k for k, v in obj.items() if isinstance(v, Mapping) and v and _is_state_dict(v))
     if key not in networks:
-        raise ValueError(f"the training checkpoint has no network '{key}'; its state dicts are: "
+        raise InvalidSettingError(f"the training checkpoint has no network '{key}'; its state dicts are: "
                          f"{', '.join(networks) or 'none'}. Pick one with key=... (--key).")
     return obj[key]
 
@@ -103,7 +104,7 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_
     scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
     resampled = F.interpolate(square, scale_factor=scale, mode="bicubic")
     if tuple(resampled.shape[-2:]) != tuple(grid):
-        raise ValueError(f"DINO-style resampling of a {side}x{side} grid gave {tuple(resampled.shape[-2:])}, "
+        raise InvalidSettingError(f"DINO-style resampling of a {side}x{side} grid gave {tuple(resampled.shape[-2:])}, "
                          f"not {grid}.")
     return torch.cat([prefix, rearrange(resampled, "1 c h w -> 1 (h w) c").to(pos_embed.dtype)], dim=1)
 
@@ -116,7 +117,7 @@ def _fit_pos_embed(pos_embed: torch.Tensor, model: VisionTransformer, dino_inter
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     side = math.isqrt(pos_embed.shape[1] - num_prefix)
     if side * side != pos_embed.shape[1] - num_prefix:
-        raise ValueError(f"pos_embed has {pos_embed.shape[1] - num_prefix} patch positions, not a square grid; "
+        raise InvalidSettingError(f"pos_embed has {pos_embed.shape[1] - num_prefix} patch positions, not a square grid; "
                          "convert to the img_size the checkpoint was trained at.")
     grid = tuple(model.patch_embed.grid_size)
     if dino_interpolation:
@@ -148,7 +149,7 @@ def _check_fits(state: Mapping[str, torch.Tensor], model: VisionTransformer) -> 
             lines.append(f"  {title} ({len(names)}): {_listing(names)}")
     lines.append("Fix: choose the architecture and dims the checkpoint was trained with (--arch, --model-args), "
                  "or the other network (--key).")
-    raise ValueError("\n".join(lines))
+    raise InvalidSettingError("\n".join(lines))
 
 
 def to_timm_state_dict(obj: Any, model: VisionTransformer, key: str = "teacher",
@@ -160,7 +161,7 @@ def to_timm_state_dict(obj: Any, model: VisionTransformer, key: str = "teacher",
         if _is_training_only(name):
             continue
         if name in state:
-            raise ValueError(f"two checkpoint keys map to '{name}' once wrapper prefixes are stripped (one is "
+            raise InvalidSettingError(f"two checkpoint keys map to '{name}' once wrapper prefixes are stripped (one is "
                              f"'{raw_name}'); the file mixes networks, convert a single network's state dict.")
         state[name] = tensor
     if "pos_embed" in state:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .errors import MissingFileError
 from .load import load_model
 from .features import DEMO_MODEL, attention_maps, extract_features
 from .pictures import attention_image, pca_image
@@ -35,7 +36,7 @@ def bundled_samples() -> list[Path]:
     found = folder is not None and folder.is_dir()
     paths = sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".png")) if found else []
     if not paths:
-        raise FileNotFoundError(f"no bundled sample images in {SAMPLES_PACKAGE}/{SAMPLES_FOLDER}; reinstall adclr or "
+        raise MissingFileError(f"no bundled sample images in {SAMPLES_PACKAGE}/{SAMPLES_FOLDER}; reinstall adclr or "
                                 "pass samples=FOLDER (adclr demo --samples FOLDER)")
     return paths
 
@@ -44,11 +45,13 @@ def _sample_paths(samples: str | os.PathLike | Sequence[str | os.PathLike] | Non
     if samples is None:
         return bundled_samples()
     if isinstance(samples, str | os.PathLike):
+        if not Path(samples).is_dir():
+            raise MissingFileError(f"--samples {samples}: no such folder; pass a folder of PNGs")
         paths = sorted(p for p in Path(samples).iterdir() if p.suffix.lower() == ".png")
     else:
         paths = [Path(p) for p in samples]
     if not paths:
-        raise FileNotFoundError(f"no .png sample images in {samples}; pass a folder of PNGs or a list of image paths")
+        raise MissingFileError(f"no .png sample images in {samples}; pass a folder of PNGs or a list of image paths")
     return paths
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .errors import InvalidSettingError, MissingFileError
 from . import scenes as fashion
 from .features import extract_features
 from .images import ImageFolder
@@ -51,13 +53,13 @@ def _to_input(batch: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.T
     """uint8 (B, H, W, 3) arrays -> normalised float (B, 3, H, W); float tensors are taken as normalised already."""
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; convert "
+            raise InvalidSettingError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; convert "
                              "gray items with adclr.scenes.items_to_rgb")
         return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
     if isinstance(batch, torch.Tensor) and batch.is_floating_point() and batch.ndim == 4 and batch.shape[1] == 3:
         return batch.to(device)
     got = f"{batch.dtype} {tuple(batch.shape)}" if hasattr(batch, "shape") else type(batch).__name__
-    raise ValueError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
+    raise InvalidSettingError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
                      f"got {got}")
 
 
@@ -77,7 +79,7 @@ def _extract(model: nn.Module, images: Images, key: str, batch_size: int, size: 
     outputs = [extract_features(model, _to_input(b, mean, std, device), size=size, batch_size=batch_size)[key]
                .float().cpu() for b in tqdm(_batches(images, batch_size), total=total, desc=desc, disable=not progress)]
     if not outputs:
-        raise ValueError("no images to extract features from; pass at least one image")
+        raise InvalidSettingError("no images to extract features from; pass at least one image")
     return torch.cat(outputs)
 
 
@@ -108,75 +110,114 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
-def _folder_splits(root: Path, model: nn.Module, image_size: int | None, batch_size: int, num_workers: int,
-                   limits: tuple[int | None, int | None], seed: int) -> tuple[dict[str, Any], int]:
+def _folder_splits(root: Path, model: nn.Module, cfg: EvalConfig) -> tuple[dict[str, Any], int]:
     """ROOT/train and ROOT/val (or ROOT/test) with one sub-folder per class -> DataLoaders, labels by train names."""
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise FileNotFoundError(f"image folder {root} needs train/ and val/ (or test/) sub-folders, each with one "
+        raise MissingFileError(f"image folder {root} needs train/ and val/ (or test/) sub-folders, each with one "
                                 f"sub-folder of images per class; or use data='fashion-mnist'")
     config = resolve_model_data_config(model)
-    if image_size:
-        config["input_size"] = (3, image_size, image_size)
+    if cfg.image_size:
+        config["input_size"] = (3, cfg.image_size, cfg.image_size)
     transform = create_transform(**config, is_training=False)
     train = ImageFolder(root / "train", transform, labels="parent_dir")
     test = ImageFolder(test_dir, transform, labels="parent_dir")
     unknown = sorted(set(test.classes) - set(train.classes))
     if unknown:
-        raise ValueError(f"{test_dir} has classes {unknown} that {root / 'train'} lacks; give both the same classes")
+        raise InvalidSettingError(f"{test_dir} has classes {unknown} that {root / 'train'} lacks; give both the same classes")
     remap = [train.class_to_idx[name] for name in test.classes]
     splits = {}
-    for name, dataset, limit in (("train", train, limits[0]), ("test", test, limits[1])):
-        idx = _subset(len(dataset), limit, seed)
+    for name, dataset, limit in (("train", train, cfg.limit_train), ("test", test, cfg.limit_test)):
+        idx = _subset(len(dataset), limit, cfg.seed)
         targets = torch.tensor(dataset.targets)[idx]
         targets = targets if dataset is train else torch.tensor(remap)[targets]
-        loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         splits[name] = (loader, targets)
     return splits, len(train.classes)
 
 
-def _load_data(data: str | os.PathLike | Mapping, task: str, model: nn.Module, *, data_root: str | os.PathLike | None,
-               image_size: int | None, limits: tuple[int | None, int | None], scene_args: tuple[int, int, int],
-               batch_size: int, num_workers: int, seed: int) -> tuple[dict[str, Any], int]:
+def _load_data(data: str | os.PathLike | Mapping, task: str, model: nn.Module,
+               cfg: EvalConfig) -> tuple[dict[str, Any], int]:
     """-> ({'train': (images, targets), 'test': (...)}, num_classes); targets are labels (N,) or masks (N, H, W)."""
-    root = fashion.DEFAULT_ROOT if data_root is None else data_root
+    root = fashion.DEFAULT_ROOT if cfg.data_root is None else cfg.data_root
     if isinstance(data, Mapping):
         if not {"train", "test"} <= data.keys():
-            raise ValueError(f"a data mapping needs 'train' and 'test' entries of (images, targets), got {list(data)}")
+            raise InvalidSettingError(f"a data mapping needs 'train' and 'test' entries of (images, targets), got {list(data)}")
         splits = {name: (data[name][0], torch.as_tensor(np.asarray(data[name][1]), dtype=torch.int64))
                   for name in ("train", "test")}
         ignore = IGNORE_INDEX if task == "seg" else None
         return splits, count_classes(None, *(targets for _, targets in splits.values()), ignore_index=ignore)
     if data == "fashion-scenes":
         if task != "seg":
-            raise ValueError("data='fashion-scenes' is for the seg task; use data='fashion-mnist' for knn/linear")
-        n_train, n_test, size = scene_args
+            raise InvalidSettingError("data='fashion-scenes' is for the seg task; use data='fashion-mnist' for knn/linear")
         splits = {}
-        for split, n in (("train", n_train), ("test", n_test)):
-            images, masks = fashion.fashion_scenes(split, n, size=size, root=root)
+        for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+            images, masks = fashion.fashion_scenes(split, n, size=cfg.scene_size, root=root)
             splits[split] = (images, torch.from_numpy(masks))
         return splits, fashion.NUM_SCENE_CLASSES
     if task == "seg":
-        raise ValueError(f"the seg task needs data='fashion-scenes' or a mapping of (images, masks); got {data!r}")
+        raise InvalidSettingError(f"the seg task needs data='fashion-scenes' or a mapping of (images, masks); got {data!r}")
     if data == "fashion-mnist":
         splits = {}
-        for split, limit in zip(("train", "test"), limits):
+        for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_test)):
             items, labels = fashion.load_fashion_mnist(split, root)
-            idx = _subset(len(items), limit, seed)
+            idx = _subset(len(items), limit, cfg.seed)
             splits[split] = (fashion.items_to_rgb(items[idx]), torch.from_numpy(labels[idx]))
         return splits, len(fashion.CLASSES)
     if Path(data).is_dir():
-        return _folder_splits(Path(data), model, image_size, batch_size, num_workers, limits, seed)
-    raise ValueError(f"data={data!r} is neither 'fashion-mnist', 'fashion-scenes' nor an existing image folder")
+        return _folder_splits(Path(data), model, cfg)
+    raise MissingFileError(f"data folder {data} does not exist; pass an image folder with train/ and val/ class "
+                           "sub-folders, or fashion-mnist / fashion-scenes")
+
+
+def _setting(default: Any, help: str, type: type | None = None, **argparse: Any) -> Any:
+    """A dataclass field whose metadata holds its command-line help (and its type where the default is None)."""
+    return field(default=default, metadata={"help": help, "type": type, **argparse})
+
+
+@dataclass
+class EvalConfig:
+    """Every knob of ``evaluate`` in one place; ``adclr eval`` makes one flag per field (--limit-train for
+    limit_train), as ``adclr train`` does from ``TrainConfig``. Probe settings left as None take the probe's defaults."""
+    pretrained: bool = _setting(False, "load the timm name's pretrained weights")
+    data_root: str | None = _setting(None, "folder of the Fashion-MNIST idx files "
+                                           "(default /usr/share/datasets/fashion-mnist)", str)
+    image_size: int | None = _setting(None, "feed images at this size (default: the model's fixed input size)", int)
+    limit_train: int | None = _setting(None, "seeded random subset of the training images", int)
+    limit_test: int | None = _setting(None, "seeded random subset of the test images", int)
+    n_train: int = _setting(2000, "seg: training scenes")
+    n_test: int = _setting(500, "seg: test scenes")
+    scene_size: int = _setting(64, "seg: scene side in pixels")
+    k: int = _setting(20, "knn: neighbours")
+    temperature: float = _setting(0.07, "knn: vote temperature")
+    epochs: int | None = _setting(None, "probe epochs (default 100 linear, 50 seg)", int)
+    lr: float | None = _setting(None, "probe learning rate (default 1e-3 linear, 1e-2 seg)", float)
+    weight_decay: float | None = _setting(None, "probe weight decay (default 1e-4)", float)
+    optimizer: str = _setting("adamw", "probe optimizer", choices=("adamw", "sgd"))
+    batch_size: int = _setting(128, "images per feature-extraction batch")
+    num_workers: int = _setting(0, "DataLoader workers for image folders")
+    device: str | None = _setting(None, "cuda or cpu (default: cuda when available)", str)
+    seed: int = _setting(0, "seed of the subsets and the probe")
+    progress: bool = _setting(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        bad = [f"--{name.replace('_', '-')} {value}" for name, value in vars(self).items()
+               if name in _AT_LEAST_ONE and value is not None and value < 1]
+        bad += [f"--num-workers {self.num_workers}"] * (self.num_workers < 0)
+        bad += [f"--temperature {self.temperature}"] * (self.temperature <= 0)
+        if bad:
+            raise InvalidSettingError(f"{', '.join(bad)}: sizes and counts must be >= 1, num_workers >= 0 and "
+                                      "temperature > 0; pass such a value or leave the default")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise InvalidSettingError(f"optimizer={self.optimizer!r} is not supported; use adamw or sgd")
+
+
+_AT_LEAST_ONE = {"image_size", "limit_train", "limit_test", "n_train", "n_test", "scene_size", "k", "epochs",
+                 "batch_size"}
 
 
 def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | os.PathLike | Mapping | None = None,
-             *, pretrained: bool = False, data_root: str | os.PathLike | None = None, image_size: int | None = None,
-             limit_train: int | None = None, limit_test: int | None = None, n_train: int = 2000, n_test: int = 500,
-             scene_size: int = 64, k: int = 20, temperature: float = 0.07, epochs: int | None = None,
-             lr: float | None = None, weight_decay: float | None = None, optimizer: str = "adamw",
-             batch_size: int = 128, num_workers: int = 0, device: str | torch.device | None = None, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             config: EvalConfig | None = None, **settings: Any) -> dict[str, Any]:
     """Load a backbone (see `load_model`), extract frozen features and score one task; -> a JSON-able record.
 
     task 'knn' / 'linear': data='fashion-mnist' (the default; items, optional seeded ``limit_train``/``limit_test``
@@ -184,49 +225,52 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
     labels), 'test': ...}. task 'seg': data='fashion-scenes' (the default; ``n_train``/``n_test`` scenes of
     ``scene_size`` px, fixed seeds) or the same mapping with (N, H, W) masks. Images are fed at ``image_size`` if
     given, else at a fixed-size ViT's input size, else as they are (resized as `adclr.features` resizes).
-    ``batch_size`` is the extraction batch; probe settings left as None take the probe function's defaults; the record states the
+    Settings: an `EvalConfig`, and/or its fields as keywords (``k=10``), which override it; the record states the
     values used.
     """
+    known = {f.name for f in fields(EvalConfig)}
+    if set(settings) - known:
+        raise InvalidSettingError(f"unknown evaluate setting(s) {sorted(set(settings) - known)}; known: {sorted(known)}")
+    cfg = replace(config or EvalConfig(), **settings)
     if task not in TASKS:
-        raise ValueError(f"task={task!r} is not supported; use one of {TASKS}")
+        raise InvalidSettingError(f"task={task!r} is not supported; use one of {TASKS}")
     start = time.perf_counter()
     if data is None:
         data = "fashion-scenes" if task == "seg" else "fashion-mnist"
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(model_spec, pretrained=pretrained).to(device)
-    splits, num_classes = _load_data(data, task, model, data_root=data_root, image_size=image_size,
-                                      limits=(limit_train, limit_test), scene_args=(n_train, n_test, scene_size),
-                                      batch_size=batch_size, num_workers=num_workers, seed=seed)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(model_spec, pretrained=cfg.pretrained).to(device)
+    splits, num_classes = _load_data(data, task, model, cfg)
     extract = extract_dense if task == "seg" else extract_global
-    feats = {name: extract(model, images, batch_size=batch_size, size=image_size, progress=progress).to(device)
+    feats = {name: extract(model, images, batch_size=cfg.batch_size, size=cfg.image_size,
+                           progress=cfg.progress).to(device)
              for name, (images, _) in splits.items()}
     train, test = feats["train"], feats["test"]
     train_targets, test_targets = (splits[name][1].to(device) for name in ("train", "test"))
-    settings: dict[str, Any] = {"seed": seed}
+    used: dict[str, Any] = {"seed": cfg.seed}
     if task == "knn":
-        settings.update(k=k, temperature=temperature)
-        scores = {"top1": knn_accuracy(train, train_targets, test, test_targets, k, temperature, num_classes)}
+        used.update(k=cfg.k, temperature=cfg.temperature)
+        scores = {"top1": knn_accuracy(train, train_targets, test, test_targets, cfg.k, cfg.temperature, num_classes)}
     else:
         probe = linear_probe if task == "linear" else dense_probe
         defaults = {name: p.default for name, p in inspect.signature(probe).parameters.items()}
-        given = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay}
-        settings.update({name: defaults[name] if value is None else value for name, value in given.items()},
-                        batch_size=defaults["batch_size"], optimizer=optimizer)
-        result = probe(train, train_targets, test, test_targets, num_classes=num_classes, progress=progress,
-                       **settings)
+        given = {"epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        used.update({name: defaults[name] if value is None else value for name, value in given.items()},
+                    batch_size=defaults["batch_size"], optimizer=cfg.optimizer)
+        result = probe(train, train_targets, test, test_targets, num_classes=num_classes, progress=cfg.progress,
+                       **used)
         scores = {"top1": result} if task == "linear" else result
     return {
         "task": task,
         "model": type(model_spec).__name__ if isinstance(model_spec, nn.Module) else os.fspath(model_spec),
-        "pretrained": pretrained,
+        "pretrained": cfg.pretrained,
         "data": "arrays" if isinstance(data, Mapping) else os.fspath(data),
         **scores,
         "num_classes": num_classes,
         "n_train": len(train),
         "n_test": len(test),
         "feature_shape": list(train.shape[1:]),
-        "image_size": [image_size] * 2 if image_size else fixed_input_size(model),
-        "settings": settings,
+        "image_size": [cfg.image_size] * 2 if cfg.image_size else fixed_input_size(model),
+        "settings": used,
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from .errors import InvalidSettingError
 from .images import load_rgb, to_rgb
 from .pictures import pixel_pca
 from .queries import forward_with_queries
@@ -70,12 +71,12 @@ def _target_size(height: int, width: int, size: Size) -> tuple[int, int]:
         return height, width
     if isinstance(size, int):
         if size < 1:
-            raise ValueError(f"size={size} must be >= 1 (the shorter side in pixels) or (H, W) or None")
+            raise InvalidSettingError(f"size={size} must be >= 1 (the shorter side in pixels) or (H, W) or None")
         if height <= width:
             return size, max(1, round(width * size / height))
         return max(1, round(height * size / width)), size
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"size={size!r} must be an int (shorter side), an (H, W) pair of positive ints, or None")
+        raise InvalidSettingError(f"size={size!r} must be an int (shorter side), an (H, W) pair of positive ints, or None")
     return int(size[0]), int(size[1])
 
 
@@ -84,7 +85,7 @@ def _normalised(model: nn.Module, image: ImageLike | Tensor) -> Tensor:
     if isinstance(image, Tensor):
         x = image.unsqueeze(0) if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
-            raise ValueError(f"one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got {x.dtype} "
+            raise InvalidSettingError(f"one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got {x.dtype} "
                              f"{tuple(image.shape)}; give batches to extract_features and raw images as PIL/paths")
         return x
     if isinstance(image, str | os.PathLike):
@@ -122,7 +123,7 @@ def _block_indices(model: VisionTransformer, layers: Sequence[int]) -> list[int]
     depth = len(model.blocks)
     bad = [i for i in layers if not -depth <= i < depth]
     if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices 0..{depth - 1} "
+        raise InvalidSettingError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices 0..{depth - 1} "
                          f"(or -{depth}..-1 from the end)")
     return sorted({i % depth for i in layers})
 
@@ -158,11 +159,11 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
     """
     vit = check_vit(model)
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise InvalidSettingError(f"batch_size={batch_size} must be >= 1")
     if isinstance(images, Tensor) or not isinstance(images, Sequence) or isinstance(images, str):
         batch = images if isinstance(images, Tensor) and images.ndim == 4 else _normalised(vit, images)
         if batch.shape[1] != 3 or not batch.is_floating_point() or not len(batch):
-            raise ValueError(f"an image batch must be normalised float (B >= 1, 3, H, W), got {batch.dtype} "
+            raise InvalidSettingError(f"an image batch must be normalised float (B >= 1, 3, H, W), got {batch.dtype} "
                              f"{tuple(batch.shape)}")
         with _inference(vit):
             outputs = [_forward(vit, _padded(vit, part), layers, norm)
@@ -170,7 +171,7 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
         return {key: torch.cat([out[key] for out in outputs]) for key in outputs[0]}
     inputs = [_resized(vit, _normalised(vit, image), size) for image in images]
     if not inputs:
-        raise ValueError("no images given; pass at least one PIL image, path or tensor")
+        raise InvalidSettingError("no images given; pass at least one PIL image, path or tensor")
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, x in enumerate(inputs):
         by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
@@ -197,7 +198,7 @@ def attention_maps(model: nn.Module, image: ImageLike | Tensor, *, size: Size = 
     """
     vit = check_vit(model)
     if vit.cls_token is None:
-        raise ValueError("attention_maps needs a ViT with a [CLS] token (class_token=True)")
+        raise InvalidSettingError("attention_maps needs a ViT with a [CLS] token (class_token=True)")
     check_standard_blocks(vit.blocks[-1:], "attention_maps")
     x = _padded(vit, _resized(vit, _normalised(vit, image), size))
     ph, pw = vit.patch_embed.patch_size
@@ -217,17 +218,17 @@ def _checked_boxes(boxes: Tensor | np.ndarray | Sequence, height: int, width: in
     """(K, 4) x1, y1, x2, y2 pixel boxes inside the image -> integer boxes covering them (floor / ceil)."""
     boxes = (boxes.detach() if isinstance(boxes, Tensor) else torch.as_tensor(np.asarray(boxes))).double().cpu()
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (K, 4) as x1, y1, x2, y2 in pixels, got {tuple(boxes.shape)}")
+        raise InvalidSettingError(f"boxes must have shape (K, 4) as x1, y1, x2, y2 in pixels, got {tuple(boxes.shape)}")
     if not torch.isfinite(boxes).all():
-        raise ValueError("boxes contain NaN or infinite values; give finite pixel coordinates")
+        raise InvalidSettingError("boxes contain NaN or infinite values; give finite pixel coordinates")
     x1, y1, x2, y2 = boxes.unbind(1)
     for name, bad in (("x2 > x1", x2 <= x1), ("y2 > y1", y2 <= y1)):
         if bad.any():
-            raise ValueError(f"boxes {bad.nonzero().flatten().tolist()} are empty: each box needs {name} "
+            raise InvalidSettingError(f"boxes {bad.nonzero().flatten().tolist()} are empty: each box needs {name} "
                              "(torchvision's x1, y1, x2, y2 order)")
     outside = (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
     if outside.any():
-        raise ValueError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) image; "
+        raise InvalidSettingError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) image; "
                          f"clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the input image)")
     return torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], dim=1).long()
 
@@ -272,7 +273,7 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike) -> Pa
 
         save_file(tensors, str(path))
     else:
-        raise ValueError(f"cannot write {path.name}: use a .npz or .safetensors file name")
+        raise InvalidSettingError(f"cannot write {path.name}: use a .npz or .safetensors file name")
     return path
 
 
@@ -294,7 +295,7 @@ def write_features(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir
     the grid covers. Unreadable images are skipped and returned with their error; repeated stems get ``_2``, ``_3``.
     """
     if format not in FORMATS:
-        raise ValueError(f"format={format!r} is not supported; use one of {FORMATS}")
+        raise InvalidSettingError(f"format={format!r} is not supported; use one of {FORMATS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}

@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .errors import InvalidSettingError, MissingFileError
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "load_rgb", "to_rgb"]
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class ImageFolder(Dataset):
         labels: str | None = None,
     ) -> None:
         if labels not in self.LABEL_MODES:
-            raise ValueError(f"labels={labels!r} is not supported; use one of {self.LABEL_MODES}")
+            raise InvalidSettingError(f"labels={labels!r} is not supported; use one of {self.LABEL_MODES}")
         self.root = Path(root)
         self.transform = transform
         self.labels = labels
@@ -97,7 +99,7 @@ class ImageFolder(Dataset):
     def _scan(self) -> list[Path]:
         accepted = ", ".join(self.extensions)
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"image folder {self.root} does not exist or is not a directory; expected images ({accepted}) under it"
             )
         found = [
@@ -107,7 +109,7 @@ class ImageFolder(Dataset):
             if os.path.splitext(name)[1].lower() in self.extensions
         ]
         if not found:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no images under {self.root} (searched recursively for {accepted}); "
                 "point root at the image folder or pass extensions=..."
             )

@@ -14,6 +14,8 @@ import torch
 from timm.models import VisionTransformer
 from torch import nn
 
+from .errors import CheckpointError, InvalidSettingError, MissingFileError, UnsupportedModelError
+
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
@@ -21,17 +23,17 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A run's ``checkpoint.pth`` (see `adclr.train.checkpoint` for its layout), loaded with ``weights_only=True``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {path}: pass the checkpoint.pth inside a run's --output "
+        raise MissingFileError(f"no training checkpoint at {path}: pass the checkpoint.pth inside a run's --output "
                                 "(or, for --resume, the --output of the run to continue).")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e}). If it is a "
+        raise CheckpointError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e}). If it is a "
                            "truncated copy, restore it from the run folder; foreign checkpoints go through "
                            "`adclr convert`.") from None
     missing = {"student", "teacher", "config", "epoch"} - set(checkpoint)
     if missing:
-        raise RuntimeError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
+        raise CheckpointError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
                            "through `adclr convert`.")
     return checkpoint
 
@@ -40,7 +42,7 @@ def create_vit(arch: str, *, img_size: int, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model(arch)`` without classifier and weights, checked to be a ViT (ADCLR's queries need one)."""
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     if not isinstance(backbone, VisionTransformer):  # checked here to name the arch; adclr.vit checks given models
-        raise TypeError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
+        raise UnsupportedModelError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
                         "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
     return backbone
 
@@ -69,5 +71,10 @@ def load_model(spec: str | os.PathLike | nn.Module, pretrained: bool = False) ->
     spec = os.fspath(spec)
     if spec.endswith(CHECKPOINT_SUFFIXES) or os.path.isfile(spec):
         return load_teacher_backbone(spec)
+    if spec.startswith("local-dir:") and not Path(spec.removeprefix("local-dir:")).is_dir():
+        raise MissingFileError(f"{spec}: no such folder; pass a folder written by `adclr export` or `adclr convert`")
     from_files = spec.startswith(("local-dir:", "hf-hub:"))
+    if not from_files and not timm.is_model(spec.partition(".")[0]):
+        raise InvalidSettingError(f"unknown model {spec!r}: not a timm architecture, a local-dir:/hf-hub: source or an "
+                                  "existing checkpoint file; `adclr models` lists ours, timm.list_models() all")
     return timm.create_model(spec, pretrained=pretrained or from_files, num_classes=0)

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import ManifestError
+
 MANIFEST_ENV = "ADCLR_WEIGHTS_MANIFEST"
 
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -24,10 +26,6 @@ _REQUIRED = {"sha256": str, "size_bytes": int, "license": str}
 _HUB_SOURCE = {"hf_hub_id": str, "revision": str, "filename": str}
 _EMBEDDED_SOURCE = {"file": str}
 _OPTIONAL = {"description": str, "source": str, "metrics": dict, **_HUB_SOURCE, **_EMBEDDED_SOURCE}
-
-
-class ManifestError(ValueError):
-    """A weights manifest entry is malformed; the message names the file, the entry and the field."""
 
 
 @dataclass(frozen=True)

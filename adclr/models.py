@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from .errors import WeightsUnavailableError
 from .manifest import WeightsEntry, load_manifest
 from .weights import fetch_verified
 
@@ -78,13 +79,13 @@ def manifest_entry(arch: str, tag: str | None) -> WeightsEntry:
     """The manifest entry that `pretrained=True` means for `arch[.tag]`; a clear error when there is none."""
     tags = tags_of(arch)
     if not tags:
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"No published weights for {arch}: the weights manifest lists none. Use pretrained=False, train your own "
             f"(`adclr train --arch {arch} ...`), or convert a checkpoint (`adclr convert`) and load it with "
             f"timm.create_model('{arch}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).")
     tag = tag or tags[0]
     if tag not in tags:
-        raise RuntimeError(f"Unknown pretrained tag '{tag}' for {arch}; known tags: {', '.join(tags)}.")
+        raise WeightsUnavailableError(f"Unknown pretrained tag '{tag}' for {arch}; known tags: {', '.join(tags)}.")
     return MANIFEST[f"{arch}.{tag}"]
 
 

@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .errors import InvalidSettingError
 from .vit import check_vit
 
 
@@ -54,19 +55,19 @@ def pca_image(patch_features: Tensor | Sequence[Tensor], *, foreground_threshold
     """
     if isinstance(patch_features, Tensor):
         if patch_features.ndim not in (3, 4):
-            raise ValueError(f"patch features must be (B, C, h, w) or (C, h, w), got {tuple(patch_features.shape)}")
+            raise InvalidSettingError(f"patch features must be (B, C, h, w) or (C, h, w), got {tuple(patch_features.shape)}")
         maps = list(patch_features) if patch_features.ndim == 4 else [patch_features]
     else:
         maps = list(patch_features)
         if not maps or any(m.ndim != 3 for m in maps):
-            raise ValueError("a list of patch features must hold (C, h, w) maps, at least one")
+            raise InvalidSettingError("a list of patch features must hold (C, h, w) maps, at least one")
     if maps[0].shape[0] < 3 or len({m.shape[0] for m in maps}) != 1:
-        raise ValueError(f"all maps need the same number C >= 3 of channels, got {sorted({m.shape[0] for m in maps})}")
+        raise InvalidSettingError(f"all maps need the same number C >= 3 of channels, got {sorted({m.shape[0] for m in maps})}")
     flat = torch.cat([rearrange(m, "c h w -> (h w) c") for m in maps]).detach().cpu().double()
     keep = torch.ones(len(flat), dtype=torch.bool)
     if foreground_threshold is not None:
         if not 0 < foreground_threshold < 1:
-            raise ValueError(f"foreground_threshold={foreground_threshold} must lie in (0, 1), e.g. 0.5")
+            raise InvalidSettingError(f"foreground_threshold={foreground_threshold} must lie in (0, 1), e.g. 0.5")
         first = _min_max(_principal_components(flat, 1))[:, 0]
         high, low = first > foreground_threshold, 1 - first > foreground_threshold
         keep = high if high.sum() <= low.sum() else low
@@ -101,7 +102,7 @@ def attention_image(maps: Tensor | np.ndarray, *, size: tuple[int, int] | None =
     """
     maps = torch.as_tensor(maps).detach().cpu().double()
     if maps.ndim != 3:
-        raise ValueError(f"attention maps must be (heads, h, w), got shape {tuple(maps.shape)}")
+        raise InvalidSettingError(f"attention maps must be (heads, h, w), got shape {tuple(maps.shape)}")
     scaled = _min_max(rearrange(maps, "n h w -> (h w) n"))
     tiles = rearrange(scaled, "(h w) n -> n h w", h=maps.shape[1]).numpy()
     return np.concatenate([_nearest(_heat(tile), size) for tile in tiles], axis=1)

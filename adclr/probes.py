@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import InvalidSettingError
+
 #: Mask value that segmentation losses and scores skip (the ADE20K / mmseg convention).
 IGNORE_INDEX = 255
 
@@ -21,11 +23,11 @@ def count_classes(num_classes: int | None, *labels: torch.Tensor, ignore_index: 
     valid = [t[t != ignore_index] if ignore_index is not None else t for t in labels]
     largest = max(int(t.max()) for t in valid if t.numel())
     if min(int(t.min()) for t in valid if t.numel()) < 0:
-        raise ValueError("labels must be >= 0 (class indices)")
+        raise InvalidSettingError("labels must be >= 0 (class indices)")
     if num_classes is None:
         return largest + 1
     if largest >= num_classes:
-        raise ValueError(f"a label is {largest} but num_classes={num_classes}; pass num_classes > {largest}")
+        raise InvalidSettingError(f"a label is {largest} but num_classes={num_classes}; pass num_classes > {largest}")
     return num_classes
 
 
@@ -33,11 +35,11 @@ def _check_pairs(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
                  label_dims: int) -> None:
     for name, x, y in (("train", train, train_labels), ("test", test, test_labels)):
         if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"{name}: {len(x)} feature rows for {len(y)} labels; pass one label per row, >= 1 row")
+            raise InvalidSettingError(f"{name}: {len(x)} feature rows for {len(y)} labels; pass one label per row, >= 1 row")
         if y.ndim != label_dims:
-            raise ValueError(f"{name} labels must be {label_dims}-d, got shape {tuple(y.shape)}")
+            raise InvalidSettingError(f"{name} labels must be {label_dims}-d, got shape {tuple(y.shape)}")
     if train.shape[1] != test.shape[1]:
-        raise ValueError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract both with "
+        raise InvalidSettingError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract both with "
                          "the same model")
 
 
@@ -47,7 +49,7 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     """Top-1 % of DINO's weighted k-NN: cosine similarity, the k nearest vote with weight exp(sim / T) per class."""
     _check_pairs(train_feats, train_labels, test_feats, test_labels, label_dims=1)
     if not 1 <= k <= len(train_feats):
-        raise ValueError(f"k={k} must be between 1 and the {len(train_feats)} training samples; lower k")
+        raise InvalidSettingError(f"k={k} must be between 1 and the {len(train_feats)} training samples; lower k")
     num_classes = count_classes(num_classes, train_labels, test_labels)
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
@@ -75,7 +77,7 @@ def _fit(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     elif optimizer == "sgd":
         opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use 'adamw' or 'sgd'")
+        raise InvalidSettingError(f"optimizer={optimizer!r} is not supported; use 'adamw' or 'sgd'")
     steps = epochs * math.ceil(len(inputs) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     layer.train()

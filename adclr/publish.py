@@ -16,6 +16,7 @@ import huggingface_hub
 import timm
 import torch
 
+from .errors import InvalidSettingError
 from .export import WEIGHTS_NAME
 from .manifest import load_manifest, parse_manifest
 from .models import TIMM_EQUIVALENT
@@ -32,20 +33,20 @@ def validate_folder(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     absent = [name for name in FOLDER_FILES if not (folder / name).is_file()]
     if absent:
-        raise ValueError(f"{folder} lacks {', '.join(absent)}; write the folder with `adclr convert` or "
+        raise InvalidSettingError(f"{folder} lacks {', '.join(absent)}; write the folder with `adclr convert` or "
                          "adclr.export.export_model first.")
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as e:  # any failure here is what a user of the published repo would hit
-        raise ValueError(f"{folder} does not load with timm.create_model('local-dir:{folder}', pretrained=True): "
+        raise InvalidSettingError(f"{folder} does not load with timm.create_model('local-dir:{folder}', pretrained=True): "
                          f"{type(e).__name__}: {e}. Re-export the folder.") from e
     broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise ValueError(f"{folder}: non-finite values in {', '.join(broken)}; the source checkpoint is damaged.")
+        raise InvalidSettingError(f"{folder}: non-finite values in {', '.join(broken)}; the source checkpoint is damaged.")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     license = config.get("pretrained_cfg", {}).get("license")
     if not license:
-        raise ValueError(f"{folder}/config.json states no license (pretrained_cfg.license); re-export the folder "
+        raise InvalidSettingError(f"{folder}/config.json states no license (pretrained_cfg.license); re-export the folder "
                          "with adclr.export.export_model(..., license=...) so the card and the manifest can name it.")
     weights = folder / WEIGHTS_NAME
     return {"sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,
@@ -56,7 +57,7 @@ def default_entry_name(architecture: str, repo_id: str) -> str:
     """`adclr_arch.tag` for a folder of timm `architecture`: the ADCLR arch it stands for, tagged by the repo name."""
     arch = next((a for a, builtin in TIMM_EQUIVALENT.items() if builtin == architecture), None)
     if arch is None:
-        raise ValueError(f"the folder's architecture {architecture} is not one of the ADCLR archs' timm equivalents "
+        raise InvalidSettingError(f"the folder's architecture {architecture} is not one of the ADCLR archs' timm equivalents "
                          f"({', '.join(TIMM_EQUIVALENT.values())}); name the entry yourself with name='arch.tag' "
                          "(--name).")
     return f"{arch}.{re.sub(r'[^A-Za-z0-9_-]', '_', repo_id.split('/')[-1])}"
@@ -84,12 +85,12 @@ def publish(folder: str | Path, repo_id: str, *, name: str | None = None, revisi
     unless given.
     """
     if push and revision:
-        raise ValueError("revision names an existing commit; with push the entry pins the commit the push creates. "
+        raise InvalidSettingError("revision names an existing commit; with push the entry pins the commit the push creates. "
                          "Pass one or the other.")
     info = validate_folder(folder)
     name = name or default_entry_name(info["architecture"], repo_id)
     if name.split(".")[0] not in TIMM_EQUIVALENT:
-        raise ValueError(f"entry name {name!r} must start with an ADCLR arch ({', '.join(TIMM_EQUIVALENT)}): "
+        raise InvalidSettingError(f"entry name {name!r} must start with an ADCLR arch ({', '.join(TIMM_EQUIVALENT)}): "
                          "adclr registers pretrained weights only for those; use name='arch.tag' (--name).")
     fields: dict[str, Any] = {"hf_hub_id": repo_id, "revision": revision or _STAND_IN_REVISION,
                               "filename": WEIGHTS_NAME, "sha256": info["sha256"], "size_bytes": info["size_bytes"],
@@ -128,7 +129,7 @@ def verify(names: Sequence[str] | None = None) -> list[Check]:
     manifest = load_manifest()
     unknown = sorted(set(names or ()) - manifest.keys())
     if unknown:
-        raise ValueError(f"not in the weights manifest: {', '.join(unknown)}; known entries: "
+        raise InvalidSettingError(f"not in the weights manifest: {', '.join(unknown)}; known entries: "
                          f"{', '.join(manifest) or 'none'}.")
     checks = []
     for name in names or list(manifest):

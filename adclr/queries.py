@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
+from .errors import InvalidSettingError
 from .vit import block_with_masked_rows, check_standard_blocks, check_vit, pooled_patch_tokens, tokens_before_blocks
 
 QUERY_ATTENDS = ('self', 'all_queries', 'none')  # what a query row may read besides [CLS]+image columns
@@ -37,7 +38,7 @@ def one_way_attention_mask(
     Prefix/image rows read query columns only under ``bidirectional_ablation`` (a known collapse route).
     """
     if query_attends not in QUERY_ATTENDS:
-        raise ValueError(f'query_attends={query_attends!r} is not supported; use one of {QUERY_ATTENDS}.')
+        raise InvalidSettingError(f'query_attends={query_attends!r} is not supported; use one of {QUERY_ATTENDS}.')
     s, r = num_prefix_and_image, num_queries
     mask = torch.zeros(s + r, s + r, dtype=torch.bool, device=device)
     mask[:, :s] = True
@@ -57,17 +58,17 @@ def embed_queries(vit: VisionTransformer, queries: Tensor, *, query_pos: str = '
     """
     patch_embed = check_vit(vit).patch_embed
     if queries.ndim != 5:
-        raise ValueError(f'queries must be (B, r, C, q, q), got shape {tuple(queries.shape)}; '
+        raise InvalidSettingError(f'queries must be (B, r, C, q, q), got shape {tuple(queries.shape)}; '
                          'stack the r query crops of each image along dim 1.')
     batch, num_queries, _, qh, qw = queries.shape
     ph, pw = patch_embed.patch_size
     if qh != qw or qh % ph or qw % pw:
-        raise ValueError(f'query crops are {qh}x{qw} px but must be square with a side that is a multiple of the '
+        raise InvalidSettingError(f'query crops are {qh}x{qw} px but must be square with a side that is a multiple of the '
                          f'patch size {ph}x{pw}; resize the crops to query_size = k * {ph} (k >= 1).')
     if query_pos not in QUERY_POS:
-        raise ValueError(f'query_pos={query_pos!r} is not supported; use one of {QUERY_POS}.')
+        raise InvalidSettingError(f'query_pos={query_pos!r} is not supported; use one of {QUERY_POS}.')
     if query_pos == 'cls' and (vit.cls_token is None or vit.pos_embed is None or vit.no_embed_class):
-        raise ValueError("query_pos='cls' needs a ViT with a class token that has its own position embedding "
+        raise InvalidSettingError("query_pos='cls' needs a ViT with a class token that has its own position embedding "
                          "(class_token=True, no_embed_class=False, a pos_embed); use query_pos='none'.")
 
     tokens = pooled_patch_tokens(vit, queries.flatten(0, 1)).unflatten(0, (batch, num_queries))

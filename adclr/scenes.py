@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidSettingError, MissingFileError
+
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -45,19 +47,19 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise ValueError(f"cannot decompress {path} ({type(error).__name__}: {error}): {fix}") from error
+        raise InvalidSettingError(f"cannot decompress {path} ({type(error).__name__}: {error}): {fix}") from error
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} does not start with an idx magic number (00 00 <type> <ndim>): {fix}")
+        raise InvalidSettingError(f"{path} does not start with an idx magic number (00 00 <type> <ndim>): {fix}")
     dtype, dims = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     if ndim is not None and dims != ndim:
-        raise ValueError(f"{path} holds a {dims}-d idx array, expected {ndim}-d: {fix}")
+        raise InvalidSettingError(f"{path} holds a {dims}-d idx array, expected {ndim}-d: {fix}")
     header = 4 + 4 * dims
     if len(raw) < header:
-        raise ValueError(f"{path} ends inside its idx header: {fix}")
+        raise InvalidSettingError(f"{path} ends inside its idx header: {fix}")
     shape = struct.unpack(f">{dims}I", raw[4:header])
     expected = header + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path} has {len(raw)} bytes after decompression, its idx header {shape} needs "
+        raise InvalidSettingError(f"{path} has {len(raw)} bytes after decompression, its idx header {shape} needs "
                          f"{expected}: {fix}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -65,21 +67,21 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
     """-> images uint8 (N, 28, 28), labels int64 (N,) of the 'train' (60000) or 'test' (10000) split."""
     if split not in FILES:
-        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use one of {sorted(FILES)}")
+        raise InvalidSettingError(f"split={split!r} is not a Fashion-MNIST split; use one of {sorted(FILES)}")
     root = Path(root)
     paths = [root / name for name in FILES[split]]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST files {missing} not found under {root}: install them with "
             f"`sudo apt-get install dataset-fashion-mnist` (files land in {DEFAULT_ROOT}) or pass root=<folder "
             f"holding {', '.join(FILES[split])}>")
     images, labels = read_idx(paths[0], ndim=3), read_idx(paths[1], ndim=1)
     if images.dtype != np.uint8 or images.shape[1:] != (ITEM_SIZE, ITEM_SIZE):
-        raise ValueError(f"{paths[0]} holds {images.dtype} images of shape {images.shape[1:]}, expected uint8 "
+        raise InvalidSettingError(f"{paths[0]} holds {images.dtype} images of shape {images.shape[1:]}, expected uint8 "
                          f"28x28 Fashion-MNIST items; replace the file")
     if len(labels) != len(images) or (len(labels) and labels.max() >= len(CLASSES)):
-        raise ValueError(f"{paths[1]} does not match {paths[0]}: {len(labels)} labels (max "
+        raise InvalidSettingError(f"{paths[1]} does not match {paths[0]}: {len(labels)} labels (max "
                          f"{labels.max() if len(labels) else '-'}) for {len(images)} images; replace both files")
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
@@ -94,7 +96,7 @@ def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def items_to_rgb(items: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Gray items uint8 (N, H, W) -> RGB uint8 (N, H, W, 3), optionally resized (bilinear) to ``size``."""
     if items.ndim != 3 or items.dtype != np.uint8:
-        raise ValueError(f"items must be uint8 (N, H, W), got {items.dtype} {items.shape}; "
+        raise InvalidSettingError(f"items must be uint8 (N, H, W), got {items.dtype} {items.shape}; "
                          "pass load_fashion_mnist()[0]")
     rgb = np.repeat(items[..., None], 3, axis=-1)
     if size is None:
@@ -121,11 +123,11 @@ def sample_layouts(num_items: int, n: int, size: int = 64, items_per_scene: tupl
     """
     lo, hi = items_per_scene
     if not 1 <= lo <= hi:
-        raise ValueError(f"items_per_scene={items_per_scene} must satisfy 1 <= min <= max, e.g. (2, 4)")
+        raise InvalidSettingError(f"items_per_scene={items_per_scene} must satisfy 1 <= min <= max, e.g. (2, 4)")
     if not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale={scale} is the item side as a fraction of the scene side: 0 < min <= max <= 1")
+        raise InvalidSettingError(f"scale={scale} is the item side as a fraction of the scene side: 0 < min <= max <= 1")
     if num_items < 1:
-        raise ValueError("make_scenes needs at least one item to paste")
+        raise InvalidSettingError("make_scenes needs at least one item to paste")
     rng = np.random.default_rng([seed, 0])
     layouts = []
     for _ in range(n):
@@ -178,7 +180,7 @@ def make_scenes(items: np.ndarray, labels: np.ndarray, n: int, size: int = 64,
     the mask alike. Deterministic in ``seed``; ``sample_layouts`` with the same arguments returns the placements.
     """
     if items.ndim != 3 or items.dtype != np.uint8 or len(items) != len(labels):
-        raise ValueError(f"items must be uint8 (N, H, W) with one label each, got {items.dtype} {items.shape} and "
+        raise InvalidSettingError(f"items must be uint8 (N, H, W) with one label each, got {items.dtype} {items.shape} and "
                          f"{len(labels)} labels; pass load_fashion_mnist(split)")
     labels = np.asarray(labels, dtype=np.int64)
     layouts = sample_layouts(len(items), n, size, items_per_scene, scale, seed)

@@ -19,17 +19,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, \
     RevisionNotFoundError
 
+from .errors import ChecksumMismatchError, WeightsUnavailableError
 from .manifest import WeightsEntry
 
 _logger = logging.getLogger(__name__)
-
-
-class ChecksumMismatchError(RuntimeError):
-    """A downloaded weights file does not have the sha256 the manifest pins."""
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Weights cannot be had: not cached and the Hub is offline, unreachable, or lacks the file."""
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:

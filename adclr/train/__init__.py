@@ -1,6 +1,7 @@
 """ADCLR training: query tokens with one-way attention, DINO/iBOT losses, the EMA-teacher training loop."""
 from .config import TrainConfig
-from .engine import NonFiniteLossError, Trainer, train
+from ..errors import NonFiniteLossError
+from .engine import Trainer, train
 from ..queries import QUERY_ATTENDS, embed_queries, forward_with_queries, one_way_attention_mask
 
 __all__ = ["QUERY_ATTENDS", "NonFiniteLossError", "TrainConfig", "Trainer", "embed_queries", "forward_with_queries",

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidSettingError
 from ..queries import QUERY_ATTENDS, QUERY_POS
 
 VARIANTS = ("dino", "ibot")
@@ -19,11 +20,13 @@ class TrainConfig:
     output: str = "runs/adclr"
     arch: str = "adclr_vit_small"
     img_size: int = 224
-    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model args (depth, patch_size, ...)
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": 'extra timm.create_model arguments, e.g. \'{"depth": 6, "patch_size": 8}\''})
     variant: str = "dino"
     # ADCLR queries
     num_queries: int = 10
-    query_size: int | None = None          # None: the backbone's patch size (one token per query)
+    query_size: int | None = field(default=None, metadata={   # None: the backbone's patch size (one token per query)
+        "type": int, "help": "query crop size in pixels (default: the patch size)"})
     query_scale: tuple[float, float] = (0.05, 0.25)
     query_attends: str = "self"
     query_pos: str = "none"
@@ -83,7 +86,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"TrainConfig: {message}.")
+                raise InvalidSettingError(f"TrainConfig: {message}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,5 +96,5 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"TrainConfig: unknown setting(s) {unknown}; known: {sorted(known)}.")
+            raise InvalidSettingError(f"TrainConfig: unknown setting(s) {unknown}; known: {sorted(known)}.")
         return cls(**values)

@@ -16,6 +16,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import InvalidSettingError
 from ..images import to_rgb
 
 __all__ = [
@@ -40,7 +41,7 @@ def _normalizer(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
 def _check_interval(name: str, interval: Sequence[float], low: float, high: float) -> tuple[float, float]:
     lo, hi = (float(v) for v in interval)
     if not low < lo <= hi <= high:
-        raise ValueError(
+        raise InvalidSettingError(
             f"{name}={tuple(interval)} must satisfy {low} < min <= max <= {high}; pass e.g. {name}=(0.05, 0.25)"
         )
     return lo, hi
@@ -48,7 +49,7 @@ def _check_interval(name: str, interval: Sequence[float], low: float, high: floa
 
 def _check_count(name: str, value: int, minimum: int) -> int:
     if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")
+        raise InvalidSettingError(f"{name}={value} must be >= {minimum}")
     return int(value)
 
 
@@ -94,7 +95,7 @@ class QueryCropSampler:
         """PIL image (any mode) or (3, H, W) tensor (uint8, or float in [0, 1]) -> crops (r, 3, s, s), boxes (r, 4)."""
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
+                raise InvalidSettingError(
                     f"query crops need a (3, H, W) image tensor, got shape {tuple(image.shape)}; "
                     "repeat a gray channel with .expand(3, -1, -1) or pass a PIL image"
                 )
@@ -192,7 +193,7 @@ def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, A
     default_collate stacks into shared memory inside DataLoader workers, saving a copy.
     """
     if not samples:
-        raise ValueError("collate_multicrop got an empty batch; use a DataLoader with batch_size >= 1")
+        raise InvalidSettingError("collate_multicrop got an empty batch; use a DataLoader with batch_size >= 1")
 
     def per_view(key: str) -> list[torch.Tensor]:
         return [default_collate([s[key][v] for s in samples]) for v in range(len(samples[0][key]))]

@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ..errors import NonFiniteLossError
+from ..images import ImageFolder
 from ..load import read_training_checkpoint
 from .checkpoint import CHECKPOINT_NAME, capture_rng, restore_rng, save_atomic
 from .config import TrainConfig
-from ..images import ImageFolder
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
 from .losses import ADCLRLoss
@@ -37,10 +38,6 @@ _logger = logging.getLogger(__name__)
 
 #: Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"data", "output", "workers", "log_every", "save_every"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
