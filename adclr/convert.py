@@ -37,7 +37,7 @@ SAFE_GLOBALS = [argparse.Namespace]
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-def load_checkpoint(path: str | Path) -> Mapping[str, Any]:
+def read_source_checkpoint(path: str | Path) -> Mapping[str, Any]:
     """Read a checkpoint without executing code: safetensors, or torch pickles under `weights_only=True`."""
     path = Path(path)
     if not path.is_file():
@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> Mapping[str, Any]:
         return load_file(path)
     if path.suffix not in PICKLE_SUFFIXES:
         raise InvalidSettingError(f"{path}: unsupported file type '{path.suffix}'; expected .safetensors or one of "
-                         f"{', '.join(PICKLE_SUFFIXES)} (a torch.save file).")
+                                  f"{', '.join(PICKLE_SUFFIXES)} (a torch.save file).")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -67,13 +67,13 @@ def _network_state(obj: Any, key: str) -> Mapping[str, torch.Tensor]:
     """The state dict to convert: the checkpoint itself when bare, else its `key` network."""
     if not isinstance(obj, Mapping):
         raise InvalidSettingError(f"the checkpoint holds a {type(obj).__name__}, not a dict of tensors or a training "
-                         "checkpoint dict; save the model's state_dict() instead.")
+                                  "checkpoint dict; save the model's state_dict() instead.")
     if _is_state_dict(obj):
         return obj
     networks = sorted(k for k, v in obj.items() if isinstance(v, Mapping) and v and _is_state_dict(v))
     if key not in networks:
         raise InvalidSettingError(f"the training checkpoint has no network '{key}'; its state dicts are: "
-                         f"{', '.join(networks) or 'none'}. Pick one with key=... (--key).")
+                                  f"{', '.join(networks) or 'none'}. Pick one with key=... (--key).")
     return obj[key]
 
 
@@ -105,7 +105,7 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_
     resampled = F.interpolate(square, scale_factor=scale, mode="bicubic")
     if tuple(resampled.shape[-2:]) != tuple(grid):
         raise InvalidSettingError(f"DINO-style resampling of a {side}x{side} grid gave {tuple(resampled.shape[-2:])}, "
-                         f"not {grid}.")
+                                  f"not {grid}.")
     return torch.cat([prefix, rearrange(resampled, "1 c h w -> 1 (h w) c").to(pos_embed.dtype)], dim=1)
 
 
@@ -118,7 +118,7 @@ def _fit_pos_embed(pos_embed: torch.Tensor, model: VisionTransformer, dino_inter
     side = math.isqrt(pos_embed.shape[1] - num_prefix)
     if side * side != pos_embed.shape[1] - num_prefix:
         raise InvalidSettingError(f"pos_embed has {pos_embed.shape[1] - num_prefix} patch positions, not a square grid; "
-                         "convert to the img_size the checkpoint was trained at.")
+                                  "convert to the img_size the checkpoint was trained at.")
     grid = tuple(model.patch_embed.grid_size)
     if dino_interpolation:
         return dino_resample_pos_embed(pos_embed, grid, num_prefix)
@@ -162,7 +162,7 @@ def to_timm_state_dict(obj: Any, model: VisionTransformer, key: str = "teacher",
             continue
         if name in state:
             raise InvalidSettingError(f"two checkpoint keys map to '{name}' once wrapper prefixes are stripped (one is "
-                             f"'{raw_name}'); the file mixes networks, convert a single network's state dict.")
+                                      f"'{raw_name}'); the file mixes networks, convert a single network's state dict.")
         state[name] = tensor
     if "pos_embed" in state:
         state["pos_embed"] = _fit_pos_embed(state["pos_embed"], model, dino_interpolation)
@@ -175,7 +175,7 @@ def convert_checkpoint(src: str | Path, arch: str, out_dir: str | Path, key: str
                        description: str = "", source: str = "", metrics: Mapping[str, Any] | None = None,
                        **model_kwargs: Any) -> dict[str, Any]:
     """Convert `src` into a timm folder at `out_dir` for `arch` (+ `model_kwargs` dims); returns export_model's info."""
-    obj = load_checkpoint(src)
+    obj = read_source_checkpoint(src)
     if img_size is not None:
         model_kwargs["img_size"] = img_size
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)

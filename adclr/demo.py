@@ -37,7 +37,7 @@ def bundled_samples() -> list[Path]:
     paths = sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".png")) if found else []
     if not paths:
         raise MissingFileError(f"no bundled sample images in {SAMPLES_PACKAGE}/{SAMPLES_FOLDER}; reinstall adclr or "
-                                "pass samples=FOLDER (adclr demo --samples FOLDER)")
+                               "pass samples=FOLDER (adclr demo --samples FOLDER)")
     return paths
 
 

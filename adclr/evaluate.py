@@ -54,13 +54,13 @@ def _to_input(batch: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.T
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise InvalidSettingError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; convert "
-                             "gray items with adclr.scenes.items_to_rgb")
+                                      "gray items with adclr.scenes.items_to_rgb")
         return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
     if isinstance(batch, torch.Tensor) and batch.is_floating_point() and batch.ndim == 4 and batch.shape[1] == 3:
         return batch.to(device)
     got = f"{batch.dtype} {tuple(batch.shape)}" if hasattr(batch, "shape") else type(batch).__name__
     raise InvalidSettingError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
-                     f"got {got}")
+                              f"got {got}")
 
 
 def _extract(model: nn.Module, images: Images, key: str, batch_size: int, size: int | tuple[int, int] | None,
@@ -115,7 +115,7 @@ def _folder_splits(root: Path, model: nn.Module, cfg: EvalConfig) -> tuple[dict[
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise MissingFileError(f"image folder {root} needs train/ and val/ (or test/) sub-folders, each with one "
-                                f"sub-folder of images per class; or use data='fashion-mnist'")
+                               f"sub-folder of images per class; or use data='fashion-mnist'")
     config = resolve_model_data_config(model)
     if cfg.image_size:
         config["input_size"] = (3, cfg.image_size, cfg.image_size)

@@ -16,6 +16,8 @@ from .vit import check_vit
 from .weights import sha256_file
 
 WEIGHTS_NAME = "model.safetensors"
+#: config.json key naming the ADCLR arch an exported folder came from (timm ignores it).
+ADCLR_ARCH_KEY = "adclr_architecture"
 ADCLR_METHOD = ("ADCLR (Zhang et al., ICLR 2023, arXiv:2306.13337); its query tokens are a training device and leave "
                 "no parameters behind")
 
@@ -79,8 +81,11 @@ def export_model(model: VisionTransformer, out_dir: str | Path, *, name: str = "
     `method` names how the weights were trained on the card (converted checkpoints say what they came from)."""
     out_dir = Path(out_dir)
     builtin, model_args = timm_architecture(model)
-    save_for_hf(model, str(out_dir), model_config={"pretrained_cfg": {"architecture": builtin, "license": license}},
-                model_args=model_args, safe_serialization=True)
+    model_config: dict[str, Any] = {"pretrained_cfg": {"architecture": builtin, "license": license}}
+    arch = model.pretrained_cfg.get("architecture")
+    if arch in TIMM_EQUIVALENT:  # several ADCLR archs share one built-in, so `adclr publish` reads the name here
+        model_config[ADCLR_ARCH_KEY] = arch
+    save_for_hf(model, str(out_dir), model_config=model_config, model_args=model_args, safe_serialization=True)
     (out_dir / "README.md").write_text(
         _model_card(name, builtin, license, description, source, method, dict(metrics or {})), encoding="utf-8")
     weights = out_dir / WEIGHTS_NAME

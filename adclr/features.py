@@ -86,7 +86,7 @@ def _normalised(model: nn.Module, image: ImageLike | Tensor) -> Tensor:
         x = image.unsqueeze(0) if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
             raise InvalidSettingError(f"one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got {x.dtype} "
-                             f"{tuple(image.shape)}; give batches to extract_features and raw images as PIL/paths")
+                                      f"{tuple(image.shape)}; give batches to extract_features and raw images as PIL/paths")
         return x
     if isinstance(image, str | os.PathLike):
         image = load_rgb(Path(image))
@@ -124,7 +124,7 @@ def _block_indices(model: VisionTransformer, layers: Sequence[int]) -> list[int]
     bad = [i for i in layers if not -depth <= i < depth]
     if bad:
         raise InvalidSettingError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices 0..{depth - 1} "
-                         f"(or -{depth}..-1 from the end)")
+                                  f"(or -{depth}..-1 from the end)")
     return sorted({i % depth for i in layers})
 
 
@@ -164,7 +164,7 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
         batch = images if isinstance(images, Tensor) and images.ndim == 4 else _normalised(vit, images)
         if batch.shape[1] != 3 or not batch.is_floating_point() or not len(batch):
             raise InvalidSettingError(f"an image batch must be normalised float (B >= 1, 3, H, W), got {batch.dtype} "
-                             f"{tuple(batch.shape)}")
+                                      f"{tuple(batch.shape)}")
         with _inference(vit):
             outputs = [_forward(vit, _padded(vit, part), layers, norm)
                        for part in _resized(vit, batch, size).split(batch_size)]
@@ -225,11 +225,11 @@ def _checked_boxes(boxes: Tensor | np.ndarray | Sequence, height: int, width: in
     for name, bad in (("x2 > x1", x2 <= x1), ("y2 > y1", y2 <= y1)):
         if bad.any():
             raise InvalidSettingError(f"boxes {bad.nonzero().flatten().tolist()} are empty: each box needs {name} "
-                             "(torchvision's x1, y1, x2, y2 order)")
+                                      "(torchvision's x1, y1, x2, y2 order)")
     outside = (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
     if outside.any():
         raise InvalidSettingError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) image; "
-                         f"clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the input image)")
+                                  f"clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the input image)")
     return torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], dim=1).long()
 
 

@@ -24,17 +24,17 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no training checkpoint at {path}: pass the checkpoint.pth inside a run's --output "
-                                "(or, for --resume, the --output of the run to continue).")
+                               "(or, for --resume, the --output of the run to continue).")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e}). If it is a "
-                           "truncated copy, restore it from the run folder; foreign checkpoints go through "
-                           "`adclr convert`.") from None
+                              "truncated copy, restore it from the run folder; foreign checkpoints go through "
+                              "`adclr convert`.") from None
     missing = {"student", "teacher", "config", "epoch"} - set(checkpoint)
     if missing:
         raise CheckpointError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
-                           "through `adclr convert`.")
+                              "through `adclr convert`.")
     return checkpoint
 
 
@@ -43,7 +43,7 @@ def create_vit(arch: str, *, img_size: int, **kwargs: Any) -> VisionTransformer:
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     if not isinstance(backbone, VisionTransformer):  # checked here to name the arch; adclr.vit checks given models
         raise UnsupportedModelError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
-                        "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
+                                    "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
     return backbone
 
 

@@ -40,7 +40,7 @@ def _check_pairs(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
             raise InvalidSettingError(f"{name} labels must be {label_dims}-d, got shape {tuple(y.shape)}")
     if train.shape[1] != test.shape[1]:
         raise InvalidSettingError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract both with "
-                         "the same model")
+                                  "the same model")
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

@@ -17,7 +17,7 @@ import timm
 import torch
 
 from .errors import InvalidSettingError
-from .export import WEIGHTS_NAME
+from .export import ADCLR_ARCH_KEY, WEIGHTS_NAME
 from .manifest import load_manifest, parse_manifest
 from .models import TIMM_EQUIVALENT
 from .weights import ChecksumMismatchError, WeightsUnavailableError, fetch_verified, sha256_file
@@ -34,12 +34,12 @@ def validate_folder(folder: str | Path) -> dict[str, Any]:
     absent = [name for name in FOLDER_FILES if not (folder / name).is_file()]
     if absent:
         raise InvalidSettingError(f"{folder} lacks {', '.join(absent)}; write the folder with `adclr convert` or "
-                         "adclr.export.export_model first.")
+                                  "adclr.export.export_model first.")
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as e:  # any failure here is what a user of the published repo would hit
         raise InvalidSettingError(f"{folder} does not load with timm.create_model('local-dir:{folder}', pretrained=True): "
-                         f"{type(e).__name__}: {e}. Re-export the folder.") from e
+                                  f"{type(e).__name__}: {e}. Re-export the folder.") from e
     broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise InvalidSettingError(f"{folder}: non-finite values in {', '.join(broken)}; the source checkpoint is damaged.")
@@ -47,20 +47,21 @@ def validate_folder(folder: str | Path) -> dict[str, Any]:
     license = config.get("pretrained_cfg", {}).get("license")
     if not license:
         raise InvalidSettingError(f"{folder}/config.json states no license (pretrained_cfg.license); re-export the folder "
-                         "with adclr.export.export_model(..., license=...) so the card and the manifest can name it.")
+                                  "with adclr.export.export_model(..., license=...) so the card and the manifest can name it.")
     weights = folder / WEIGHTS_NAME
     return {"sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,
-            "architecture": config["architecture"], "license": license}
+            "architecture": config["architecture"], "adclr_architecture": config.get(ADCLR_ARCH_KEY, ""),
+            "license": license}
 
 
 def default_entry_name(architecture: str, repo_id: str) -> str:
-    """`adclr_arch.tag` for a folder of timm `architecture`: the ADCLR arch it stands for, tagged by the repo name."""
-    arch = next((a for a, builtin in TIMM_EQUIVALENT.items() if builtin == architecture), None)
-    if arch is None:
-        raise InvalidSettingError(f"the folder's architecture {architecture} is not one of the ADCLR archs' timm equivalents "
-                         f"({', '.join(TIMM_EQUIVALENT.values())}); name the entry yourself with name='arch.tag' "
-                         "(--name).")
-    return f"{arch}.{re.sub(r'[^A-Za-z0-9_-]', '_', repo_id.split('/')[-1])}"
+    """`arch.tag` for a folder exported from ADCLR arch `architecture` (config.json's adclr_architecture), tagged by
+    the repo name. The built-in timm name cannot tell: adclr_vit_tiny and adclr_vit_mini_patch8 share one."""
+    if architecture not in TIMM_EQUIVALENT:
+        raise InvalidSettingError(f"the folder's architecture {architecture or '(not recorded)'} is not one of the "
+                                  f"ADCLR archs ({', '.join(TIMM_EQUIVALENT)}); name the entry yourself with "
+                                  "name='arch.tag' (--name).")
+    return f"{architecture}.{re.sub(r'[^A-Za-z0-9_-]', '_', repo_id.split('/')[-1])}"
 
 
 def _toml_value(value: Any) -> str:
@@ -86,12 +87,12 @@ def publish(folder: str | Path, repo_id: str, *, name: str | None = None, revisi
     """
     if push and revision:
         raise InvalidSettingError("revision names an existing commit; with push the entry pins the commit the push creates. "
-                         "Pass one or the other.")
+                                  "Pass one or the other.")
     info = validate_folder(folder)
-    name = name or default_entry_name(info["architecture"], repo_id)
+    name = name or default_entry_name(info["adclr_architecture"], repo_id)
     if name.split(".")[0] not in TIMM_EQUIVALENT:
         raise InvalidSettingError(f"entry name {name!r} must start with an ADCLR arch ({', '.join(TIMM_EQUIVALENT)}): "
-                         "adclr registers pretrained weights only for those; use name='arch.tag' (--name).")
+                                  "adclr registers pretrained weights only for those; use name='arch.tag' (--name).")
     fields: dict[str, Any] = {"hf_hub_id": repo_id, "revision": revision or _STAND_IN_REVISION,
                               "filename": WEIGHTS_NAME, "sha256": info["sha256"], "size_bytes": info["size_bytes"],
                               "license": info["license"]}
@@ -130,7 +131,7 @@ def verify(names: Sequence[str] | None = None) -> list[Check]:
     unknown = sorted(set(names or ()) - manifest.keys())
     if unknown:
         raise InvalidSettingError(f"not in the weights manifest: {', '.join(unknown)}; known entries: "
-                         f"{', '.join(manifest) or 'none'}.")
+                                  f"{', '.join(manifest) or 'none'}.")
     checks = []
     for name in names or list(manifest):
         entry = manifest[name]

@@ -59,17 +59,17 @@ def embed_queries(vit: VisionTransformer, queries: Tensor, *, query_pos: str = '
     patch_embed = check_vit(vit).patch_embed
     if queries.ndim != 5:
         raise InvalidSettingError(f'queries must be (B, r, C, q, q), got shape {tuple(queries.shape)}; '
-                         'stack the r query crops of each image along dim 1.')
+                                  'stack the r query crops of each image along dim 1.')
     batch, num_queries, _, qh, qw = queries.shape
     ph, pw = patch_embed.patch_size
     if qh != qw or qh % ph or qw % pw:
         raise InvalidSettingError(f'query crops are {qh}x{qw} px but must be square with a side that is a multiple of the '
-                         f'patch size {ph}x{pw}; resize the crops to query_size = k * {ph} (k >= 1).')
+                                  f'patch size {ph}x{pw}; resize the crops to query_size = k * {ph} (k >= 1).')
     if query_pos not in QUERY_POS:
         raise InvalidSettingError(f'query_pos={query_pos!r} is not supported; use one of {QUERY_POS}.')
     if query_pos == 'cls' and (vit.cls_token is None or vit.pos_embed is None or vit.no_embed_class):
         raise InvalidSettingError("query_pos='cls' needs a ViT with a class token that has its own position embedding "
-                         "(class_token=True, no_embed_class=False, a pos_embed); use query_pos='none'.")
+                                  "(class_token=True, no_embed_class=False, a pos_embed); use query_pos='none'.")
 
     tokens = pooled_patch_tokens(vit, queries.flatten(0, 1)).unflatten(0, (batch, num_queries))
     if query_pos == 'cls':

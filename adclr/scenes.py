@@ -60,7 +60,7 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
     expected = header + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidSettingError(f"{path} has {len(raw)} bytes after decompression, its idx header {shape} needs "
-                         f"{expected}: {fix}")
+                                  f"{expected}: {fix}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -79,10 +79,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike = DEFAULT_R
     images, labels = read_idx(paths[0], ndim=3), read_idx(paths[1], ndim=1)
     if images.dtype != np.uint8 or images.shape[1:] != (ITEM_SIZE, ITEM_SIZE):
         raise InvalidSettingError(f"{paths[0]} holds {images.dtype} images of shape {images.shape[1:]}, expected uint8 "
-                         f"28x28 Fashion-MNIST items; replace the file")
+                                  f"28x28 Fashion-MNIST items; replace the file")
     if len(labels) != len(images) or (len(labels) and labels.max() >= len(CLASSES)):
         raise InvalidSettingError(f"{paths[1]} does not match {paths[0]}: {len(labels)} labels (max "
-                         f"{labels.max() if len(labels) else '-'}) for {len(images)} images; replace both files")
+                                  f"{labels.max() if len(labels) else '-'}) for {len(images)} images; replace both files")
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
@@ -97,7 +97,7 @@ def items_to_rgb(items: np.ndarray, size: int | tuple[int, int] | None = None) -
     """Gray items uint8 (N, H, W) -> RGB uint8 (N, H, W, 3), optionally resized (bilinear) to ``size``."""
     if items.ndim != 3 or items.dtype != np.uint8:
         raise InvalidSettingError(f"items must be uint8 (N, H, W), got {items.dtype} {items.shape}; "
-                         "pass load_fashion_mnist()[0]")
+                                  "pass load_fashion_mnist()[0]")
     rgb = np.repeat(items[..., None], 3, axis=-1)
     if size is None:
         return rgb
@@ -181,7 +181,7 @@ def make_scenes(items: np.ndarray, labels: np.ndarray, n: int, size: int = 64,
     """
     if items.ndim != 3 or items.dtype != np.uint8 or len(items) != len(labels):
         raise InvalidSettingError(f"items must be uint8 (N, H, W) with one label each, got {items.dtype} {items.shape} and "
-                         f"{len(labels)} labels; pass load_fashion_mnist(split)")
+                                  f"{len(labels)} labels; pass load_fashion_mnist(split)")
     labels = np.asarray(labels, dtype=np.int64)
     layouts = sample_layouts(len(items), n, size, items_per_scene, scale, seed)
     background_rng = np.random.default_rng([seed, 1])

@@ -25,10 +25,10 @@ def check_vit(model: nn.Module, *, conv_patch_embed: bool = True) -> VisionTrans
     """``model`` if it is a timm ``VisionTransformer`` (with timm's conv ``PatchEmbed`` unless told otherwise)."""
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}; pass the plain backbone "
-                        "(timm.create_model or adclr.load.load_model), not a wrapper around it.")
+                                    "(timm.create_model or adclr.load.load_model), not a wrapper around it.")
     if conv_patch_embed and not isinstance(model.patch_embed, PatchEmbed):
         raise UnsupportedModelError(f"vit.patch_embed is {type(model.patch_embed).__name__}; this needs timm's PatchEmbed "
-                        "(conv projection), so build the ViT with the default embed_layer.")
+                                    "(conv projection), so build the ViT with the default embed_layer.")
     return model
 
 
@@ -37,8 +37,8 @@ def check_standard_blocks(blocks: Iterable[nn.Module], user: str) -> None:
     for i, blk in enumerate(blocks):
         if type(blk) is not Block or type(getattr(blk, "attn", None)) is not Attention:
             raise UnsupportedModelError(f"vit.blocks[{i}] is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__};"
-                            f" {user} supports only timm's standard Block with the standard Attention "
-                            "(block_fn=Block, attn_layer=Attention).")
+                                        f" {user} supports only timm's standard Block with the standard Attention "
+                                        "(block_fn=Block, attn_layer=Attention).")
 
 
 # ---------------------------------------------------------------- input size
@@ -114,10 +114,10 @@ def tokens_before_blocks(vit: VisionTransformer, images: Tensor, *, extra: Tenso
         grid = x.shape[1:-1]
         if patch_mask.shape != (x.shape[0], grid.numel()):
             raise InvalidSettingError(f"patch_mask has shape {tuple(patch_mask.shape)} but the images give "
-                             f"{(x.shape[0], grid.numel())} (B, N) patches; build it on the patch grid {tuple(grid)}.")
+                                      f"{(x.shape[0], grid.numel())} (B, N) patches; build it on the patch grid {tuple(grid)}.")
         if mask_token.numel() != x.shape[-1]:
             raise InvalidSettingError(f"mask_token has {mask_token.numel()} values but the embed dim is {x.shape[-1]}; "
-                             "pass a (1, 1, C) or (C,) tensor.")
+                                      "pass a (1, 1, C) or (C,) tensor.")
         replace = patch_mask.to(torch.bool).reshape(x.shape[:-1]).unsqueeze(-1)
         x = torch.where(replace, mask_token.reshape(-1).to(x.dtype), x)
     x = vit.patch_drop(vit._pos_embed(x))

@@ -1,4 +1,4 @@
-"""Verified downloads from the Hub and export of plain timm model folders.
+"""Verified downloads from the Hub or the package: sha256 against the manifest, cache bookkeeping, clear errors.
 
 huggingface_hub owns caching, revisions and offline mode. What it lacks, we add: the file's sha256 is checked against
 the manifest before anything is loaded (a same-size corrupt blob would otherwise stay cached for good), and a failed

@@ -19,83 +19,16 @@ from pathlib import Path
 
 import timm
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dino_reference import DinoViT  # noqa: E402  the one DINO-style reference ViT, shared with the tests
 from _common import (PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json,
                      write_result)
 
 TOLERANCE = 1e-3
 IMPLS = ("timm", "reference")
-
-
-class ReferenceAttention(nn.Module):
-    """Softmax attention written out, as in the DINO repository: one qkv linear, (q @ k^T) * scale, softmax, @ v."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
-
-
-class ReferenceMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class ReferenceBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, hidden: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = ReferenceAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ReferenceMlp(dim, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchProjection(nn.Module):
-    def __init__(self, patch: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rearrange(self.proj(x), "b c h w -> b (h w) c")
-
-
-class ReferenceViT(nn.Module):
-    """DINO's ViT for one fixed image size; `forward` returns what DINO's get_intermediate_layers(x, 1)[0] does."""
-
-    def __init__(self, img_size: int, patch: int, dim: int, depth: int, num_heads: int, hidden: int):
-        super().__init__()
-        self.patch_embed = PatchProjection(patch, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, dim))
-        self.blocks = nn.ModuleList(ReferenceBlock(dim, num_heads, hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
 
 
 def build_timm(spec: dict) -> nn.Module:
@@ -104,10 +37,10 @@ def build_timm(spec: dict) -> nn.Module:
     return timm.create_model(spec["model"], pretrained=False, num_classes=0, img_size=spec["size"], **overrides)
 
 
-def reference_like(vit: nn.Module, img_size: int) -> ReferenceViT:
-    """A ReferenceViT with `vit`'s dims and its exact weights (strict load: every key must match)."""
-    ref = ReferenceViT(img_size, vit.patch_embed.patch_size[0], vit.embed_dim, len(vit.blocks),
-                       vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features)
+def reference_like(vit: nn.Module, img_size: int) -> DinoViT:
+    """A DINO-style reference ViT with `vit`'s dims and its exact weights (strict load: every key must match)."""
+    ref = DinoViT(vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, vit.patch_embed.patch_size[0],
+                  img_size, vit.blocks[0].mlp.fc1.out_features)
     ref.load_state_dict(vit.state_dict(), strict=True)
     return ref
 

@@ -3,105 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pickle
 
 import pytest
 import timm
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import adclr  # noqa: F401  registers the adclr archs
-from adclr.convert import convert_checkpoint, load_checkpoint, to_timm_state_dict
+from adclr.convert import convert_checkpoint, read_source_checkpoint, to_timm_state_dict
+from dino_reference import DinoViT
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reference: DINO's ViT (pre-norm blocks, qkv bias, LayerNorm eps 1e-6, exact GELU), written out step by step.
-# ----------------------------------------------------------------------------------------------------------------------
-class RefAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        d = c // self.heads
-        q, k, v = self.qkv(x).split(c, dim=-1)
-        outputs = []
-        for h in range(self.heads):
-            qh, kh, vh = (t[..., h * d:(h + 1) * d] for t in (q, k, v))
-            weights = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1)
-            outputs.append(weights @ vh)
-        return self.proj(torch.cat(outputs, dim=-1))
-
-
-class RefMlp(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RefAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = RefMlp(dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class RefPatchEmbed(nn.Module):
-    def __init__(self, dim: int, patch: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-
-class DinoViT(nn.Module):
-    """Returns the normed [CLS] + patch tokens (B, 1 + N, C), like DINO's get_intermediate_layers(x, 1)[0]."""
-
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, patch: int = 16, img_size: int = 224):
-        super().__init__()
-        self.patch = patch
-        self.patch_embed = RefPatchEmbed(embed_dim, patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch) ** 2 + 1, embed_dim))
-        self.blocks = nn.ModuleList(RefBlock(embed_dim, num_heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-
-    def pos_encoding(self, rows: int, cols: int):
-        """DINO's interpolate_pos_encoding: bicubic with scale factors (rows + 0.1) / side, (cols + 0.1) / side."""
-        n = self.pos_embed.shape[1] - 1
-        if rows * cols == n and rows == cols:
-            return self.pos_embed
-        side = int(math.sqrt(n))
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
-        assert grid.shape[-2:] == (rows, cols)
-        patches = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
-        return torch.cat([self.pos_embed[:, :1], patches], dim=1)
-
-    def forward(self, x):
-        rows, cols = x.shape[2] // self.patch, x.shape[3] // self.patch
-        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        tokens = tokens + self.pos_encoding(rows, cols)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
 
 
 def random_dino_vit(seed: int, **dims) -> DinoViT:
@@ -187,7 +100,7 @@ def test_dino_training_checkpoint_round_trip_through_local_dir(dino_pair, dino_c
 
 
 def test_student_key_picks_the_student(dino_pair, dino_ckpt):
-    obj = load_checkpoint(dino_ckpt)
+    obj = read_source_checkpoint(dino_ckpt)
     for key, network in zip(("teacher", "student"), dino_pair):
         state = to_timm_state_dict(obj, _tiny_timm(), key=key)
         reference = network.state_dict()
@@ -218,7 +131,7 @@ def test_released_backbone_file_and_timm_classifier_state_dict(dino_pair, tmp_pa
         save_file(bare, path)
     else:
         torch.save(bare, path)
-    state = to_timm_state_dict(load_checkpoint(path), _tiny_timm(), key="ignored-for-bare-files")
+    state = to_timm_state_dict(read_source_checkpoint(path), _tiny_timm(), key="ignored-for-bare-files")
     assert all(torch.equal(state[k], bare[k]) for k in bare) and state.keys() == bare.keys()
 
     classifier = timm.create_model("vit_small_patch16_224", num_classes=10, **TINY).state_dict()
@@ -254,11 +167,11 @@ def test_unsupported_file_type_is_named(tmp_path):
     path = tmp_path / "weights.npz"
     path.write_bytes(b"x")
     with pytest.raises(ValueError, match=r"unsupported file type '\.npz'.*\.safetensors"):
-        load_checkpoint(path)
+        read_source_checkpoint(path)
 
 
 def test_missing_unexpected_and_shape_diff_is_readable(dino_pair, dino_ckpt):
-    obj = load_checkpoint(dino_ckpt)
+    obj = read_source_checkpoint(dino_ckpt)
     obj["teacher"]["backbone.extra.weight"] = torch.zeros(3)
     with pytest.raises(ValueError) as err:
         to_timm_state_dict(obj, _tiny_timm(depth=3))
@@ -274,7 +187,7 @@ def test_missing_unexpected_and_shape_diff_is_readable(dino_pair, dino_ckpt):
 
 def test_unknown_network_key_lists_the_networks(dino_ckpt):
     with pytest.raises(ValueError, match="no network 'ema'; its state dicts are: dino_loss, student, teacher"):
-        to_timm_state_dict(load_checkpoint(dino_ckpt), _tiny_timm(), key="ema")
+        to_timm_state_dict(read_source_checkpoint(dino_ckpt), _tiny_timm(), key="ema")
 
 
 def test_dino_interpolation_matches_dino_at_288(dino_pair, dino_ckpt, tmp_path):
@@ -284,7 +197,7 @@ def test_dino_interpolation_matches_dino_at_288(dino_pair, dino_ckpt, tmp_path):
     convert_checkpoint(dino_ckpt, "vit_small_patch16_224", tmp_path, img_size=288, dino_interpolation=True, **TINY)
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     timm_way = _tiny_timm(img_size=288)
-    timm_way.load_state_dict(to_timm_state_dict(load_checkpoint(dino_ckpt), timm_way))
+    timm_way.load_state_dict(to_timm_state_dict(read_source_checkpoint(dino_ckpt), timm_way))
     with torch.no_grad():
         dino_style, resized = loaded.forward_features(x), timm_way.forward_features(x)
     assert dino_style.shape == (2, 1 + 18 * 18, 64)

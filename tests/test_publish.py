@@ -7,9 +7,11 @@ from pathlib import Path
 import huggingface_hub
 import numpy as np
 import pytest
+import timm
 import torch
 
 from adclr.convert import convert_checkpoint
+from adclr.export import export_model
 from adclr.manifest import ManifestError, parse_manifest
 from adclr.publish import REVISION_PLACEHOLDER, default_entry_name, publish, verify
 from conftest import run_python
@@ -182,3 +184,12 @@ def test_cli_verify_exit_codes(three_entry_manifest, capsys):
     assert lines[-1] == "4 checked, 2 ok, 2 failed"
     assert main(["verify", "adclr_vit_tiny.good"]) == 0
     assert main(["verify", "adclr_vit_tiny.nope"]) == 2
+
+
+def test_default_entry_name_comes_from_the_exported_adclr_arch(tmp_path):
+    """adclr_vit_mini_patch8 exports as timm's vit_tiny_patch16_224 family; its entry must still name the mini arch."""
+    model = timm.create_model("adclr_vit_mini_patch8", depth=1)
+    export_model(model, tmp_path / "mini")
+    entry_text = publish(tmp_path / "mini", "adclr-test/mini", revision="c" * 40)
+    entry = parse_manifest(entry_text, "mini")["adclr_vit_mini_patch8.mini"]
+    assert entry.arch == "adclr_vit_mini_patch8"

@@ -38,7 +38,7 @@ def inputs(batch: int = 2, num_queries: int = 5, q: int = PATCH, size=(32, 32), 
 
 
 def reference_mask(s: int, r: int, mode: str, bidirectional: bool) -> torch.Tensor:
-    """The rule of METHOD.md written entry by entry."""
+    """The rule of docs/method.md written entry by entry."""
     allowed = torch.zeros(s + r, s + r, dtype=torch.bool)
     for i in range(s + r):
         for j in range(s + r):

@@ -1,6 +1,6 @@
 """Training configuration: every knob of a run in one JSON-serialisable dataclass (saved in each checkpoint).
 
-Defaults follow METHOD.md: DINO's ViT-S/16 recipe plus ADCLR's query settings, each configurable.
+Defaults follow docs/method.md: DINO's ViT-S/16 recipe plus ADCLR's query settings, each configurable.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
 from .losses import ADCLRLoss
-from .masking import block_masks
+from .ibot_masks import block_masks
 from .network import SSLNetwork, build_network
 from .schedules import cosine_schedule, teacher_temp_schedule
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adclr.train.masking import block_masks
+from adclr.train.ibot_masks import block_masks
 
 GRID = (14, 14)
 N = GRID[0] * GRID[1]
