@@ -123,8 +123,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write: model.safetensors, config.json, README.md")
     p.add_argument("--key", default="teacher",
                    help="network of a training checkpoint: teacher (default) or student; ignored for bare state dicts")
-    p.add_argument("--img-size", type=int,
-                   help="input size of the converted model (default: the arch's); the position embedding is resampled")
+    p.add_argument("--img-size", type=_image_size, metavar="N|HxW",
+                   help="input size of the converted model, square N or HxW / H,W (default: the arch's; overrides "
+                        "img_size in --model-args); the position embedding is resampled and config.json records it")
     p.add_argument("--dino-interpolation", action="store_true",
                    help="resample the position embedding as DINO does at run time (bicubic, scale factor + 0.1)")
     p.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
@@ -137,9 +138,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a DINO/iBOT/ADCLR or timm checkpoint into a folder that plain timm loads."""
     from .convert import convert_checkpoint
 
+    model_args = dict(args.model_args)
+    if args.img_size is not None:
+        model_args["img_size"] = args.img_size
     info = convert_checkpoint(args.src, args.arch, args.out, key=args.key, dino_interpolation=args.dino_interpolation,
-                              img_size=args.img_size, license=args.license, description=args.description,
-                              source=args.source, metrics=dict(args.metric), **args.model_args)
+                              license=args.license, description=args.description, source=args.source,
+                              metrics=dict(args.metric), **model_args)
     print(f"wrote {args.out}: timm {info['architecture']}, {_megabytes(info['size_bytes'])}, sha256 {info['sha256']}")
     print(f"check it: timm.create_model('local-dir:{args.out}', pretrained=True); publish it: "
           f"adclr publish {args.out} --repo ORG/NAME")
@@ -221,17 +225,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size_arg(text: str) -> int | tuple[int, int] | str:
-    """N (shorter side), HxW (exact) or 'native' (each image's own size)."""
-    if text == "native":
-        return text
+def _image_size(text: str) -> int | tuple[int, int]:
+    """N (square, or the shorter side where the command says so), HxW or H,W (rows x columns)."""
     try:
-        parts = [int(v) for v in text.lower().split("x")]
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N, HxW or 'native' (e.g. 224, 224x320), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected N, HxW or H,W (e.g. 224, 320x480, 320,480), got {text!r}")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _size_arg(text: str) -> int | tuple[int, int] | str:
+    """N (shorter side), HxW / H,W (exact) or 'native' (each image's own size)."""
+    return text if text == "native" else _image_size(text)
 
 
 def add_features_args(p: argparse.ArgumentParser) -> None:

@@ -171,13 +171,12 @@ def to_timm_state_dict(obj: Any, model: VisionTransformer, key: str = "teacher",
 
 
 def convert_checkpoint(src: str | Path, arch: str, out_dir: str | Path, key: str = "teacher",
-                       dino_interpolation: bool = False, img_size: int | None = None, license: str = "apache-2.0",
+                       dino_interpolation: bool = False, license: str = "apache-2.0",
                        description: str = "", source: str = "", metrics: Mapping[str, Any] | None = None,
                        **model_kwargs: Any) -> dict[str, Any]:
-    """Convert `src` into a timm folder at `out_dir` for `arch` (+ `model_kwargs` dims); returns export_model's info."""
+    """Convert `src` into a timm folder at `out_dir` for `arch` (+ `model_kwargs`: dims, `img_size` N or (H, W));
+    returns export_model's info."""
     obj = read_source_checkpoint(src)
-    if img_size is not None:
-        model_kwargs["img_size"] = img_size
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
     model.load_state_dict(to_timm_state_dict(obj, model, key=key, dino_interpolation=dino_interpolation))
     network = "" if _is_state_dict(obj) else f", '{key}' network"

@@ -213,3 +213,20 @@ def test_vit_small_dims_parity():
     x = _images(224, batch=1)
     with torch.no_grad():
         assert (model.forward_features(x) - reference(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("size_args", [["--img-size", "320x480"], ["--img-size", "320,480"],
+                                       ["--model-args", json.dumps({**TINY, "img_size": [320, 480]})]])
+def test_non_square_size_from_the_command_line(dino_pair, dino_ckpt, tmp_path, size_args):
+    from adclr.cli import main
+
+    args = ["convert", str(dino_ckpt), "--arch", "vit_small_patch16_224", "--out", str(tmp_path),
+            "--dino-interpolation", "--model-args", json.dumps(TINY)]
+    assert main(args + size_args) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"]["img_size"] == [320, 480]
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(1, 3, 320, 480, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected, actual = dino_pair[0](x), loaded.forward_features(x)
+    assert actual.shape == (1, 1 + 20 * 30, 64)
+    assert (actual - expected).abs().max() < 1e-4

@@ -493,6 +493,9 @@ def test_cli_features_safetensors_default_size_and_exit_code(exported, samples, 
     code = main(["features", str(samples / "wide.png"), "--model", f"local-dir:{exported}", "--out", str(out),
                  "--size", "16x24"])
     assert code == 0 and np.load(out / "wide.npz")["patch"].shape == (48, 2, 3)
+    code = main(["features", str(samples / "wide.png"), "--model", f"local-dir:{exported}", "--out", str(out),
+                 "--size", "24,16"])
+    assert code == 0 and np.load(out / "wide.npz")["patch"].shape == (48, 3, 2)
 
 
 def test_cli_demo(exported, samples, tmp_path):
