@@ -1,7 +1,7 @@
 """Training-step overhead of ADCLR over DINO, measured on the engine's own code.
 
 Part 1, the full step: a real `Trainer` (student, EMA teacher, DINO head, `ADCLRLoss`, AdamW, clipping, schedules)
-runs its `_train_step` on one fixed synthetic batch shaped like `collate_multicrop`'s output, with `num_queries = r`
+runs its `train_step` on one fixed synthetic batch shaped like `collate_multicrop`'s output, with `num_queries = r`
 (ADCLR) and `num_queries = 0` (DINO: the step then runs plain `forward_features` and no query loss). The Trainer needs
 an image folder, so a tiny one is written to a temp dir; it is never read during the timed steps.
 
@@ -30,7 +30,8 @@ from torch import Tensor
 
 import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
 from adclr.train.config import TrainConfig
-from adclr.train.engine import Trainer, _precision  # the engine's own precision choice, so both parts agree
+from adclr.train.engine import Trainer
+from adclr.train.step import resolve_precision  # the step's own precision choice, so both parts agree
 from adclr.train.network import build_backbone
 from adclr.queries import embed_queries, forward_with_queries, one_way_attention_mask
 from _common import (PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json,
@@ -69,7 +70,7 @@ def synthetic_batch(spec: dict, patch: int, pin: bool) -> dict:
 
 
 def step_worker(spec: dict, memory: PeakMemory) -> dict:
-    """`Trainer._train_step` on the fixed batch; `trainer.step = 0` each time so every step uses the same schedule."""
+    """`Trainer.train_step` on the fixed batch; `trainer.step = 0` each time so every step uses the same schedule."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "images").mkdir()
         write_image_folder(Path(tmp) / "images", spec["batch"])
@@ -78,7 +79,7 @@ def step_worker(spec: dict, memory: PeakMemory) -> dict:
 
     def step() -> dict:
         trainer.step = 0
-        return trainer._train_step(batch)
+        return trainer.train_step(batch)
 
     figures = measure(step, spec["device"], memory, spec["warmup"], spec["repeats"])
     return figures | {"images_per_s": spec["batch"] / figures["median_s"]}
@@ -103,7 +104,7 @@ def backbone_worker(spec: dict, memory: PeakMemory) -> dict:
     cfg = train_config(spec)
     torch.manual_seed(spec["seed"])
     vit = build_backbone(cfg).to(device).train()  # drop_path 0: the paths' outputs are comparable
-    dtype, _ = _precision(cfg, device)
+    dtype, _ = resolve_precision(cfg, device)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     patch = vit.patch_embed.patch_size[0]
     images = torch.randn(2 * spec["batch"], 3, spec["img_size"], spec["img_size"], generator=g).to(device)
@@ -171,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
                   precision=args.precision, seed=args.seed, device=args.device, threads=args.threads,
                   warmup=args.warmup, repeats=args.repeats)
     try:  # the engine's own check (e.g. bf16 on CPU), before any worker starts
-        fp32 = _precision(train_config(dict(common, queries=0)), torch.device(args.device))[0] is None
+        fp32 = resolve_precision(train_config(dict(common, queries=0)), torch.device(args.device))[0] is None
     except ValueError as error:
         raise SystemExit(str(error)) from None
     print(f"{args.arch}{f' depth {args.depth}' if args.depth else ''}, {args.img_size} px, batch {args.batch} "
@@ -202,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
                   "fused vs mask path, query tokens":
                   (out["fused"]["queries"] - out["mask"]["queries"]).abs().max().item()}
 
-    print("\nfull training step (Trainer._train_step)")
+    print("\nfull training step (Trainer.train_step)")
     print(table(["config", "ms/step", "img/s", "total MiB", "work MiB"],
                 [[name, 1e3 * s["median_s"], s["images_per_s"], s["total_mib"], s["work_mib"]]
                  for name, s in steps.items()]))

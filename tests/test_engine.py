@@ -67,7 +67,7 @@ def test_steps_on_a_fixed_batch_lower_the_loss(photo_folder, tmp_path):
     losses = []
     for _ in range(25):
         trainer.step = 0  # hold the schedules still: this checks the optimisation, not the schedule
-        losses.append(trainer._train_step(batch)["loss"])
+        losses.append(trainer.train_step(batch)["loss"])
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
 

@@ -186,11 +186,13 @@ class MultiCropAugmentation:
         }
 
 
-def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]],
+                      masks: Callable[[int], list[torch.Tensor]] | None = None) -> dict[str, Any]:
     """Per-image dicts -> {'global': 2 x (B, 3, G, G), 'local': num_local x (B, 3, L, L), 'queries': (B, r, 3, q, q)}.
 
     Views come out as lists so that a ViT can run each resolution as one batch, as DINO does.
-    default_collate stacks into shared memory inside DataLoader workers, saving a copy.
+    default_collate stacks into shared memory inside DataLoader workers, saving a copy. ``masks`` (iBOT, e.g.
+    `ibot_masks.GlobalViewMasks`; bind it with functools.partial) adds 'masks': one (B, N) bool per global view.
     """
     if not samples:
         raise InvalidSettingError("collate_multicrop got an empty batch; use a DataLoader with batch_size >= 1")
@@ -198,8 +200,11 @@ def collate_multicrop(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, A
     def per_view(key: str) -> list[torch.Tensor]:
         return [default_collate([s[key][v] for s in samples]) for v in range(len(samples[0][key]))]
 
-    return {
+    batch = {
         "global": per_view("global"),
         "local": per_view("local"),
         "queries": default_collate([s["queries"] for s in samples]),
     }
+    if masks is not None:
+        batch["masks"] = masks(len(samples))
+    return batch

@@ -6,7 +6,7 @@ Launch several processes with `torchrun`; each reads RANK / WORLD_SIZE / LOCAL_R
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,9 +30,10 @@ from .config import TrainConfig
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
 from .losses import ADCLRLoss
-from .ibot_masks import block_masks
+from .ibot_masks import GlobalViewMasks
 from .network import SSLNetwork, build_network
 from .schedules import cosine_schedule, teacher_temp_schedule
+from .step import TrainStep
 
 _logger = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
-    t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-
-
 def _distributed() -> tuple[int, int, torch.device]:
     """Join the process group that torchrun describes (gloo on CPU, NCCL on GPU); (0, 1, device) when run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,18 +62,6 @@ def _distributed() -> tuple[int, int, torch.device]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
-
-
-def _precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    choice = cfg.precision
-    if device.type != "cuda":
-        if choice in ("bf16", "fp16"):
-            raise ValueError(f"precision {choice} needs a CUDA device; on CPU use --precision fp32 (or auto).")
-        return None, False
-    if choice == "auto":
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice], choice == "fp16"
 
 
 def _seed_everything(seed: int) -> None:
@@ -117,8 +98,8 @@ class Trainer:
         self.loss = ADCLRLoss(cfg.out_dim, lambda_q=cfg.lambda_q,
                               lambda_patch=cfg.lambda_patch if cfg.variant == "ibot" else 0.0,
                               student_temp=cfg.student_temp).to(self.device)
-        self.autocast_dtype, needs_scaler = _precision(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+        self.step_fn = TrainStep(cfg, self.student, self.teacher, self.loss, self.device, self.student_ddp)
+        self.scaler = self.step_fn.scaler
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
 
         self.dataset, self.sampler, self.loader = self._data()
@@ -151,8 +132,12 @@ class Trainer:
                              f"({cfg.batch_size} x {self.world} processes); lower --batch-size or add images.")
         sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
+        masks = None
+        if cfg.variant == "ibot":
+            masks = GlobalViewMasks((cfg.img_size // patch, cfg.img_size // patch), cfg.mask_ratio, cfg.mask_probability)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                            collate_fn=collate_multicrop, drop_last=True, pin_memory=self.device.type == "cuda")
+                            collate_fn=functools.partial(collate_multicrop, masks=masks), drop_last=True,
+                            pin_memory=self.device.type == "cuda")
         return dataset, sampler, loader
 
     def _resume(self) -> None:
@@ -184,59 +169,24 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }, self.output / CHECKPOINT_NAME)
 
-    def _masks(self, batch_size: int, grid: tuple[int, int]) -> list[torch.Tensor] | None:
-        """iBOT's block-wise masks for each global view; an image is masked with probability `mask_probability`."""
-        if self.cfg.variant != "ibot":
-            return None
-        masks = []
-        for _ in range(2):
-            m = block_masks(batch_size, grid, mask_ratio=self.cfg.mask_ratio)
-            keep = torch.rand(batch_size) < self.cfg.mask_probability
-            masks.append((m & keep[:, None, None]).flatten(1).to(self.device))
-        return masks
-
-    def _train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step at schedule position `self.step`: set lr / weight decay, forward-backward, clip,
+        freeze the last head layer in the first epochs, optimizer step, EMA teacher update; -> the logged record."""
         cfg, s = self.cfg, self.step
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[s])
             if group["apply_wd"]:
                 group["weight_decay"] = float(self.wd[s])
-        globals_ = [v.to(self.device, non_blocking=True) for v in batch["global"]]
-        locals_ = [v.to(self.device, non_blocking=True) for v in batch["local"]]
-        queries = batch["queries"].to(self.device, non_blocking=True) if cfg.num_queries else None
-        patch = self.student.backbone.patch_embed.patch_size
-        grid = (globals_[0].shape[-2] // patch[0], globals_[0].shape[-1] // patch[1])
-        masks = self._masks(globals_[0].shape[0], grid)
-        query_kw = dict(query_attends=cfg.query_attends, query_pos=cfg.query_pos,
-                        bidirectional_ablation=cfg.bidirectional_ablation)
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            with torch.no_grad():
-                teacher = self.teacher(globals_, queries, patch_outputs=masks is not None, **query_kw)
-            student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=cfg.local_queries,
-                                       patch_outputs=masks is not None, **query_kw)
-            with_q = queries is not None
-            terms = self.loss(student["cls"], teacher["cls"], float(self.teacher_temp[s]),
-                              student["query"] if with_q else None, teacher["query"] if with_q else None,
-                              student["patch"] if masks else None, teacher["patch"] if masks else None, masks)
-        loss = terms["loss"]
-        finite = torch.isfinite(loss.detach()).float()
-        if self.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            raise NonFiniteLossError(
-                f"loss is {float(loss.detach())} at epoch {self.epoch}, step {s} "
-                f"({ {k: float(v.detach()) for k, v in terms.items()} }); "
-                f"training stopped and the last good checkpoint {self.output / CHECKPOINT_NAME} was kept. Lower --lr, "
-                "lengthen --warmup-epochs, or train with --precision fp32, then --resume.")
-
         self.optimizer.zero_grad(set_to_none=True)
+        try:
+            terms = self.step_fn.forward_backward(batch, float(self.teacher_temp[s]))
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(
+                f"{error} at epoch {self.epoch}, step {s} ({error.terms}); "
+                f"training stopped and the last good checkpoint {self.output / CHECKPOINT_NAME} was kept. Lower --lr, "
+                "lengthen --warmup-epochs, or train with --precision fp32, then --resume.") from None
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad)
         if self.epoch < cfg.freeze_last_layer:
@@ -246,7 +196,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        ema_update(self.teacher, self.student, float(self.momentum[s]))
+        self.step_fn.update_teacher(float(self.momentum[s]))
         self.step += 1
         return {k: float(v.detach()) for k, v in terms.items()} | {
             "lr": float(self.lr[s]), "wd": float(self.wd[s]), "momentum": float(self.momentum[s]),
@@ -273,7 +223,7 @@ class Trainer:
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main, leave=False)
             for i, batch in enumerate(bar):
                 t0 = time.perf_counter()
-                record = self._train_step(batch)
+                record = self.train_step(batch)
                 record["images_per_s"] = images_per_step / (time.perf_counter() - t0)
                 totals = {k: totals.get(k, 0.0) + record[k] for k in ("loss", "cls", "query", "patch")}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", q=f"{record['query']:.4f}")

@@ -67,3 +67,21 @@ def block_masks(
                 mask.view(-1)[free[randint(len(free))]] = True
                 count, failures = count + 1, 0
     return masks
+
+
+class GlobalViewMasks:
+    """iBOT's masks for one batch: per global view, block masks (B, N) bool, each image masked with probability
+    ``probability`` (an unmasked image gets an all-False row). Drawn in the collate, so the masks come with the batch
+    from the same random stream as its crops."""
+
+    def __init__(self, grid_hw: tuple[int, int], mask_ratio: tuple[float, float], probability: float,
+                 num_views: int = 2) -> None:
+        self.grid_hw, self.mask_ratio, self.probability, self.num_views = grid_hw, mask_ratio, probability, num_views
+
+    def __call__(self, batch: int) -> list[torch.Tensor]:
+        masks = []
+        for _ in range(self.num_views):
+            m = block_masks(batch, self.grid_hw, mask_ratio=self.mask_ratio)
+            keep = torch.rand(batch) < self.probability
+            masks.append((m & keep[:, None, None]).flatten(1))
+        return masks

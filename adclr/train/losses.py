@@ -7,7 +7,7 @@ teacher outputs' mean over all processes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -226,3 +226,12 @@ class ADCLRLoss(nn.Module):
             patch = self.patch(student_patches, teacher_patches, masks, t_temp)
             loss = loss + self.lambda_patch * patch
         return {"loss": loss, "cls": cls, "query": query, "patch": patch}
+
+    def from_outputs(self, student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
+                     teacher_temp: float, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The terms from the networks' output dicts ('cls', 'query', 'patch' lists, as `SSLNetwork` returns them);
+        queries count when the teacher has query outputs, patches when ``masks`` are given (iBOT)."""
+        with_q = bool(teacher["query"])
+        return self(student["cls"], teacher["cls"], teacher_temp,
+                    student["query"] if with_q else None, teacher["query"] if with_q else None,
+                    student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None)
