@@ -15,7 +15,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .errors import WeightsUnavailableError
 from .manifest import WeightsEntry, load_manifest
-from .weights import fetch_verified
+from .weights import embedded_path, fetch_verified
 
 #: The timm built-in architecture of each ADCLR arch: exported folders name it (with the exact dims as model_args),
 #: so plain timm loads them through `hf-hub:` / `local-dir:` without adclr installed.
@@ -53,8 +53,10 @@ def _cfg(**kwargs) -> dict[str, Any]:
 
 
 def _entry_cfg(entry: WeightsEntry) -> dict[str, Any]:
-    source = {} if entry.embedded else dict(hf_hub_id=f"{entry.hf_hub_id}@{entry.revision}",
-                                            hf_hub_filename=entry.filename)
+    """The cfg names the weights' source (the packaged file, or the pinned Hub file) so that timm counts the entry as
+    pretrained (`has_weights`, `list_pretrained`); loading still goes through `fetch_verified`."""
+    source = dict(file=str(embedded_path(entry))) if entry.embedded else dict(
+        hf_hub_id=f"{entry.hf_hub_id}@{entry.revision}", hf_hub_filename=entry.filename)
     return _cfg(**ARCH_CFG.get(entry.arch, {}), **source, license=entry.license,
                 description=entry.description or None)
 

@@ -63,3 +63,17 @@ def test_local_file_overlay_goes_through_the_checkpoint_filter(tmp_path):
                                pretrained_cfg_overlay=dict(file=str(path)))
     assert bigger.pos_embed.shape == (1, 1 + 18 * 18, 192)
     assert torch.equal(bigger.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_embedded_weights_count_as_pretrained_and_load():
+    from safetensors.torch import load_file
+
+    from adclr.weights import embedded_path
+
+    assert timm.list_pretrained("adclr*") == ["adclr_vit_mini_patch8.demo"]  # the only entry of the packaged manifest
+    assert timm.models.get_pretrained_cfg("adclr_vit_mini_patch8.demo").has_weights
+    assert not timm.models.get_pretrained_cfg("adclr_vit_small").has_weights
+    model = timm.create_model("adclr_vit_mini_patch8.demo", pretrained=True)
+    expected = load_file(embedded_path(adclr.models.MANIFEST["adclr_vit_mini_patch8.demo"]))
+    state = model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
