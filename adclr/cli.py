@@ -51,7 +51,11 @@ def add_config_flags(p: argparse.ArgumentParser, config: type, required: Sequenc
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from .train.config import TrainConfig
 
+    from .train.config import PRESETS
+
     add_config_flags(p, TrainConfig, required=("data",))
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named recipe (small: a few thousand images); flags set to other than their default win")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
 
 
@@ -63,8 +67,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.engine import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "resume")}
-    train(TrainConfig.from_dict(values), resume=args.resume)
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "fn", "resume", "preset")}
+    if args.preset:
+        defaults = TrainConfig().to_dict()
+        values = {k: v for k, v in values.items() if v != defaults[k]}
+        config = TrainConfig.from_preset(args.preset, **values)
+    else:
+        config = TrainConfig.from_dict(values)
+    train(config, resume=args.resume)
     return 0
 
 

@@ -162,3 +162,37 @@ def test_torchrun_command_line(photo_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = read_training_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["num_queries"] == 2 and len(checkpoint["rng"]) == 2
+
+
+def test_metrics_hold_collapse_diagnostics_and_a_uniform_teacher_is_named(photo_folder, tmp_path, caplog):
+    # A teacher temperature of 10 flattens every teacher row: DINO's uniform collapse, on purpose.
+    cfg = _cfg(photo_folder, tmp_path, warmup_teacher_temp=10.0, teacher_temp=10.0)
+    with caplog.at_level("WARNING", logger="adclr.train.engine"):
+        train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch_end" in r]
+    for record in (records[0], epochs[-1]):
+        for term in ("cls", "query"):
+            assert record[f"{term}_teacher_entropy"] > 0.99 * np.log(64)
+            assert {f"{term}_batch_entropy", f"{term}_kl"} <= record.keys()
+    warnings = [r.getMessage() for r in caplog.records if "uniform" in r.getMessage()]
+    assert len(warnings) == 2 and "cls teacher is uniform after epoch 1" in warnings[0]  # once per term, after warm-up
+    assert "--teacher-temp" in warnings[0]
+
+
+def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_path):
+    from adclr.cli import main
+    from adclr.errors import InvalidSettingError
+    from adclr.train import PRESETS
+
+    cfg = TrainConfig.from_preset("small", out_dim=64)
+    assert cfg.teacher_temp == cfg.warmup_teacher_temp == 0.02 and cfg.out_dim == 64 and cfg.lr == PRESETS["small"]["lr"]
+    with pytest.raises(InvalidSettingError, match="unknown preset 'huge'"):
+        TrainConfig.from_preset("huge")
+    main(["train", "--preset", "small", "--data", str(photo_folder), "--output", str(tmp_path), "--arch", "test_vit",
+          "--img-size", "32", "--model-kwargs", '{"patch_size": 8}', "--local-size", "16", "--local-crops", "2",
+          "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
+          "--batch-size", "4", "--epochs", "1", "--workers", "0"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["teacher_temp"] == 0.02 and saved["freeze_last_layer"] == 0 and saved["momentum_teacher"] == 0.99
+    assert saved["out_dim"] == 64 and saved["head_hidden_dim"] == 32  # the command line over the preset

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from .checkpoint import CHECKPOINT_NAME, capture_rng, restore_rng, save_atomic
 from .config import TrainConfig
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
+from .diagnostics import REMEDIES, collapse_state
 from .losses import ADCLRLoss
 from .ibot_masks import GlobalViewMasks
 from .network import SSLNetwork, build_network
@@ -111,6 +113,7 @@ class Trainer:
         self.teacher_temp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
                                                   cfg.warmup_teacher_temp_epochs, cfg.epochs, iters)
         self.epoch, self.step = 0, 0
+        self._warned: set[str] = set()  # loss terms already reported as collapsed
         if resume:
             self._resume()
 
@@ -198,7 +201,7 @@ class Trainer:
             self.optimizer.step()
         self.step_fn.update_teacher(float(self.momentum[s]))
         self.step += 1
-        return {k: float(v.detach()) for k, v in terms.items()} | {
+        return {k: float(v.detach()) for k, v in terms.items()} | self.loss.stats() | {
             "lr": float(self.lr[s]), "wd": float(self.wd[s]), "momentum": float(self.momentum[s]),
             "teacher_temp": float(self.teacher_temp[s])}
 
@@ -206,6 +209,23 @@ class Trainer:
         if self.is_main:
             with open(self.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _warn_on_collapse(self, summary: dict) -> None:
+        """Once per loss term and run: a teacher still uniform or one-hot after the warm-ups has stopped teaching."""
+        if self.epoch < max(self.cfg.warmup_epochs, self.cfg.warmup_teacher_temp_epochs, 1):
+            return
+        for term in ("cls", "query", "patch"):
+            if f"{term}_teacher_entropy" not in summary or term in self._warned:
+                continue
+            state = collapse_state(summary[f"{term}_teacher_entropy"], summary[f"{term}_batch_entropy"],
+                                   self.cfg.out_dim)
+            if state:
+                self._warned.add(term)
+                _logger.warning(
+                    "the %s teacher is %s after epoch %d (mean entropy %.2f, batch-mean entropy %.2f, ln K = %.2f): "
+                    "the %s loss teaches nothing. Remedies: %s.", term, state, self.epoch,
+                    summary[f"{term}_teacher_entropy"], summary[f"{term}_batch_entropy"], math.log(self.cfg.out_dim),
+                    term, REMEDIES)
 
     def fit(self, until_epoch: int | None = None) -> SSLNetwork:
         """Train from the current epoch to `cfg.epochs` (or stop after `until_epoch` epochs, e.g. for a time slot)."""
@@ -225,8 +245,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 record = self.train_step(batch)
                 record["images_per_s"] = images_per_step / (time.perf_counter() - t0)
-                totals = {k: totals.get(k, 0.0) + record[k] for k in ("loss", "cls", "query", "patch")}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", q=f"{record['query']:.4f}")
+                for k in ("loss", "cls", "query", "patch", *self.loss.stats()):
+                    totals[k] = totals.get(k, 0.0) + record[k]
+                bar.set_postfix(loss=f"{record['loss']:.4f}", q=f"{record['query']:.4f}",
+                                cls_H=f"{record['cls_teacher_entropy'] / math.log(cfg.out_dim):.2f}lnK")
                 if i % cfg.log_every == 0:
                     self._log({"epoch": epoch, "step": self.step} | record)
             self.epoch = epoch + 1
@@ -237,6 +259,7 @@ class Trainer:
             self._log(summary)
             if self.is_main:
                 _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs, json.dumps(summary))
+                self._warn_on_collapse(summary)
             if self.epoch % cfg.save_every == 0 or self.epoch == last:
                 self._save()
         return self.teacher

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .diagnostics import teacher_stats
+
 
 class _CenteredDistillation(nn.Module):
     """Center buffer, teacher/student distributions and the distributed center EMA shared by all losses."""
@@ -26,6 +28,8 @@ class _CenteredDistillation(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`); empty before the first.
+        self.stats: dict[str, float] = {}
 
     def teacher_probs(self, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """Centered, sharpened teacher distribution; never a gradient path."""
@@ -89,10 +93,9 @@ class DINOClsLoss(_CenteredDistillation):
         """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
-        loss = _cross_view_ce(
-            [self.teacher_probs(t, teacher_temp) for t in teacher_out],
-            [self.student_log_probs(s) for s in student_out],
-        )
+        probs = [self.teacher_probs(t, teacher_temp) for t in teacher_out]
+        loss = _cross_view_ce(probs, [self.student_log_probs(s) for s in student_out])
+        self.stats = teacher_stats(probs, loss)
         self.update_center(teacher_out)
         return loss
 
@@ -117,11 +120,11 @@ class QueryLoss(_CenteredDistillation):
         if student_q[0].shape[1] == 0:
             # Mean over zero queries would be NaN; a zero that stays on the student's graph keeps backward uniform.
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
+            self.stats = {}
         else:
-            loss = _cross_view_ce(
-                [self.teacher_probs(t, teacher_temp) for t in teacher_q],
-                [self.student_log_probs(s) for s in student_q],
-            )
+            probs = [self.teacher_probs(t, teacher_temp) for t in teacher_q]
+            loss = _cross_view_ce(probs, [self.student_log_probs(s) for s in student_q])
+            self.stats = teacher_stats(probs, loss)
         self.update_center(teacher_q)
         return loss
 
@@ -150,7 +153,7 @@ class IBOTPatchLoss(_CenteredDistillation):
                 f"IBOTPatchLoss: got {len(student_patches)} student, {len(teacher_patches)} teacher and {len(masks)} "
                 "mask entries; pass one of each per global view."
             )
-        per_view = []
+        per_view, probs, ce_rows = [], [], []
         for s, t, m in zip(student_patches, teacher_patches, masks):
             if s.shape != t.shape or m.shape != s.shape[:2] or m.dtype != torch.bool:
                 raise ValueError(
@@ -158,9 +161,14 @@ class IBOTPatchLoss(_CenteredDistillation):
                     f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
                 )
             # Only masked positions are scored, so softmaxes are computed for those rows alone.
-            ce = -(self.teacher_probs(t[m], teacher_temp) * self.student_log_probs(s[m])).sum(-1)
+            p = self.teacher_probs(t[m], teacher_temp)
+            ce = -(p * self.student_log_probs(s[m])).sum(-1)
+            probs.append(p)
+            ce_rows.append(ce)
             weight = (1.0 / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
             per_view.append((ce * weight).sum() / m.shape[0])
+        # Diagnostics over the scored rows, unweighted: their KL is the rows' mean cross-entropy minus entropy.
+        self.stats = teacher_stats(probs, torch.cat(ce_rows).mean()) if sum(len(c) for c in ce_rows) else {}
         self.update_center(teacher_patches)
         return torch.stack(per_view).mean()
 
@@ -214,6 +222,8 @@ class ADCLRLoss(nn.Module):
                 "pass student_patches, teacher_patches and masks, or build it with lambda_patch=0."
             )
 
+        for term in (self.query, self.patch):  # stats only for the terms this call computes
+            term.stats = {}
         cls = self.cls(student_cls, teacher_cls, teacher_temp)
         zero = cls.new_zeros(())
         query = zero
@@ -235,3 +245,8 @@ class ADCLRLoss(nn.Module):
         return self(student["cls"], teacher["cls"], teacher_temp,
                     student["query"] if with_q else None, teacher["query"] if with_q else None,
                     student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None)
+
+    def stats(self) -> dict[str, float]:
+        """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`)."""
+        return {f"{name}_{key}": value for name, term in (("cls", self.cls), ("query", self.query), ("patch", self.patch))
+                for key, value in term.stats.items()}
