@@ -208,6 +208,20 @@ def fashion_scenes(split: str, n: int, size: int = 64, root: str | os.PathLike =
     return make_scenes(items, labels, n, size=size, seed=SCENE_SEEDS[split] if seed is None else seed)
 
 
+def item_scenes(split: str, n: int, size: int = 64, scale: tuple[float, float] = (0.6, 0.9),
+                root: str | os.PathLike = DEFAULT_ROOT, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One tinted item per image over a textured background: (images uint8 (n, size, size, 3), item classes (n,)).
+
+    The global task with the scenes' clutter: a gray item on black says little about whether a model separates an
+    object from its background. Layouts use the split's scene seed + 100, so they differ from the split's scenes.
+    """
+    items, labels = load_fashion_mnist(split, root)
+    seed = SCENE_SEEDS[split] + 100 if seed is None else seed
+    images, _ = make_scenes(items, labels, n, size=size, items_per_scene=(1, 1), scale=scale, seed=seed)
+    layouts = sample_layouts(len(items), n, size, (1, 1), scale, seed)
+    return images, np.asarray([labels[layout[0].item] for layout in layouts], dtype=np.int64)
+
+
 def write_scene_sample(out_dir: str | os.PathLike, n: int = 256, split: str = "test", seed: int | None = None,
                        size: int = 64, root: str | os.PathLike = DEFAULT_ROOT) -> Path:
     """Write ``fashion-scenes-<split>-<n>.npz`` (images uint8 (n, size, size, 3), masks uint8) and return its path."""

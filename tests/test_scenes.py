@@ -188,3 +188,16 @@ def test_real_fashion_mnist(tmp_path):
     scene_images, masks = make_scenes(images[:500], labels[:500], n=32)
     assert set(np.unique(masks)) <= set(range(11)) and (masks > 0).mean() > 0.1
     assert write_scene_sample(tmp_path, n=256).stat().st_size < 2 * 2**20
+
+
+def test_item_scenes_hold_one_labelled_item_over_a_textured_background(fake_root):
+    images, labels = scenes.item_scenes("test", 40, root=fake_root)
+    items, item_labels = synthetic_items(200, seed=len("test"))
+    _, masks = make_scenes(items, item_labels, 40, items_per_scene=(1, 1), scale=(0.6, 0.9), seed=101)
+    assert images.shape == (40, 64, 64, 3) and images.dtype == np.uint8
+    present = [set(np.unique(m)) - {0} for m in masks]
+    assert all(p == {label + 1} for p, label in zip(present, labels))  # the label is the one item's class
+    background = images[masks == 0]
+    assert background.std() > 10 and background.mean() > 10  # texture, not a black field
+    train_images, _ = scenes.item_scenes("train", 40, root=fake_root)
+    assert not np.array_equal(train_images, images)
