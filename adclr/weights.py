@@ -16,13 +16,14 @@ from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, \
-    RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, \
+    RepositoryNotFoundError, RevisionNotFoundError
 
-from .errors import ChecksumMismatchError, WeightsUnavailableError
+from .errors import ChecksumMismatchError, InvalidSettingError, WeightsUnavailableError
 from .manifest import WeightsEntry
 
 _logger = logging.getLogger(__name__)
+HUB_TIMEOUT_ENV = "ADCLR_HUB_TIMEOUT"
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
@@ -80,13 +81,45 @@ def _unavailable(entry: WeightsEntry, reason: str) -> WeightsUnavailableError:
         f"timm.create_model('{entry.arch}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).")
 
 
-def _download(entry: WeightsEntry, force: bool) -> Path:
+def hub_timeout() -> float:
+    """Seconds to wait for the Hub's first answer ($ADCLR_HUB_TIMEOUT, default 3)."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "3")
     try:
-        path = huggingface_hub.hf_hub_download(
-            entry.hf_hub_id, entry.filename, revision=entry.revision, force_download=force)
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise InvalidSettingError(f"{HUB_TIMEOUT_ENV}={text!r} is not a positive number of seconds; unset it or give "
+                                  "e.g. 10.")
+    return seconds
+
+
+def _check_reachable(entry: WeightsEntry) -> None:
+    """One metadata request without retries, bounded by hub_timeout(): huggingface_hub retries an unreachable Hub
+    with back-off for about 23 s before it gives up, so this decides first."""
+    url = huggingface_hub.hf_hub_url(entry.hf_hub_id, entry.filename, revision=entry.revision)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=hub_timeout())
+    except HfHubHTTPError:
+        return  # the Hub answered; hf_hub_download reports what it said
+    except Exception as e:  # transport errors, whose classes depend on the huggingface_hub version (requests/httpx)
+        raise _unavailable(entry, f"are not in the local cache and the Hub at {hf_constants.ENDPOINT} is unreachable "
+                                  f"({type(e).__name__}: {e}; wait set by {HUB_TIMEOUT_ENV})") from None
+
+
+def _download(entry: WeightsEntry) -> Path:
+    """The cached copy, else a download; offline or unreachable ends in WeightsUnavailableError, never in a retry."""
+    cached = cached_path(entry)
+    if cached is not None:
+        return cached
+    if hf_constants.HF_HUB_OFFLINE:
+        raise _unavailable(entry, "are not in the local cache (or the cached copy was bad) and HF_HUB_OFFLINE=1")
+    _check_reachable(entry)
+    try:
+        path = huggingface_hub.hf_hub_download(entry.hf_hub_id, entry.filename, revision=entry.revision)
     except LocalEntryNotFoundError:
-        state = "HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE else f"the Hub at {hf_constants.ENDPOINT} is unreachable"
-        raise _unavailable(entry, f"are not in the local cache and {state}") from None
+        raise _unavailable(entry, f"are not in the local cache and the Hub at {hf_constants.ENDPOINT} is unreachable"
+                           ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
         raise _unavailable(entry, f"are not on the Hub at {hf_constants.ENDPOINT} ({type(e).__name__}); the "
                                   "manifest entry may be wrong") from None
@@ -116,7 +149,7 @@ def download_verified(entry: WeightsEntry) -> Path:
 
     A mismatching copy is discarded and downloaded once more; a second mismatch raises ChecksumMismatchError.
     """
-    path = _download(entry, force=False)
+    path = _download(entry)
     for attempt in (1, 2):
         actual = _hash_blob(path)
         if actual == entry.sha256:
@@ -125,7 +158,7 @@ def download_verified(entry: WeightsEntry) -> Path:
                         entry.name, path, actual, entry.sha256, attempt)
         _discard(path)
         if attempt == 1:
-            path = _download(entry, force=True)
+            path = _download(entry)  # the bad copy is gone, so this downloads (no force_download: offline refuses it)
     raise ChecksumMismatchError(
         f"{entry.filename} of {entry.hf_hub_id}@{entry.revision} for {entry.name} has sha256 {actual}, but the manifest "
         f"expects {entry.sha256} (checked twice, bad copies discarded). Either the repo changed under a pinned "

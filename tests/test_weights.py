@@ -82,6 +82,26 @@ def test_same_size_corrupted_cached_blob_is_replaced(local_hub, exported_tiny, c
     assert "discarding the cached copy" in caplog.text
 
 
+def test_corrupted_cached_blob_offline_is_weights_unavailable(local_hub, exported_tiny, tmp_path):
+    rev = _publish(local_hub, exported_tiny, "adclr-test/tiny-corrupt-offline")
+    entry = _entry("adclr-test/tiny-corrupt-offline", rev, exported_tiny)
+    blob = weights.download_verified(entry).resolve()
+    blob.write_bytes(bytes(255 - b for b in blob.read_bytes()))
+    code = """
+import timm, adclr
+try:
+    timm.create_model('adclr_vit_tiny.test', pretrained=True, depth=1)
+except adclr.WeightsUnavailableError as e:
+    print(e)
+"""
+    manifest = _manifest(tmp_path / "weights.toml", [entry])
+    result = run_python(code, env={"ADCLR_WEIGHTS_MANIFEST": str(manifest), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "adclr-test/tiny-corrupt-offline" in result.stdout and "HF_HUB_OFFLINE=1" in result.stdout
+    assert "discarding the cached copy" in result.stderr
+    assert weights.cached_path(entry) is None
+
+
 def test_file_that_never_matches_raises_with_both_hashes(local_hub, exported_tiny):
     rev = _publish(local_hub, exported_tiny, "adclr-test/tiny-wrong")
     expected = "0" * 64
@@ -180,3 +200,43 @@ def test_models_command_reports_cached(local_hub, exported_tiny, tmp_path):
     assert row(before)[:2] == ["adclr_vit_tiny", "test"] and row(before)[-1] == "no"
     assert row(after)[-1] == "yes"
     assert "(no published weights)" in after  # small and base have none
+
+
+_UNREACHABLE = """
+import time, timm, adclr
+t = time.perf_counter()
+try:
+    timm.create_model('adclr_vit_tiny.test', pretrained=True)
+except adclr.WeightsUnavailableError as e:
+    print(f'{time.perf_counter() - t:.3f}')
+    print(e)
+"""
+
+
+def _unreachable_entry(tmp_path) -> Path:
+    entry = WeightsEntry(name="adclr_vit_tiny.test", hf_hub_id="adclr-test/never-reached", revision="a" * 40,
+                         filename="model.safetensors", sha256="b" * 64, size_bytes=10, license="apache-2.0")
+    return _manifest(tmp_path / "weights.toml", [entry])
+
+
+def test_unreachable_hub_fails_fast_with_the_named_error(tmp_path):
+    with socket.socket() as closed:  # a port that refuses connections
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = run_python(_UNREACHABLE, env={"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)),
+                                           "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert result.returncode == 0, result.stderr
+    elapsed, message = result.stdout.split("\n", 1)
+    assert float(elapsed) < 5, elapsed
+    assert "adclr-test/never-reached" in message and "is unreachable" in message and "ADCLR_HUB_TIMEOUT" in message
+
+
+def test_silent_hub_waits_as_long_as_adclr_hub_timeout(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        env = {"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)), "HF_HOME": str(tmp_path / "home"),
+               "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "ADCLR_HUB_TIMEOUT": "0.5"}
+        result = run_python(_UNREACHABLE, env=env)
+    assert result.returncode == 0, result.stderr
+    elapsed, message = result.stdout.split("\n", 1)
+    assert float(elapsed) < 5, elapsed
+    assert "is unreachable" in message
