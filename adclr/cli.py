@@ -137,7 +137,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="input size of the converted model, square N or HxW / H,W (default: the arch's; overrides "
                         "img_size in --model-args); the position embedding is resampled and config.json records it")
     p.add_argument("--dino-interpolation", action="store_true",
-                   help="resample the position embedding as DINO does at run time (bicubic, scale factor + 0.1)")
+                   help="resample the position embedding to the --img-size grid as DINO does at run time (bicubic, "
+                        "scale factor + 0.1). It acts only at conversion: nothing changes when --img-size is the "
+                        "checkpoint's own grid, and at other input sizes (dynamic_img_size, img_size overrides) timm "
+                        "resamples with its own rule, so outputs match DINO's at the --img-size only")
     p.add_argument("--model-args", type=_json_object, default={}, metavar="JSON",
                    help='extra timm model kwargs, e.g. \'{"depth": 6}\'')
     p.add_argument("--license", default="apache-2.0", help="license of the weights (default apache-2.0)")
@@ -224,8 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
     record = evaluate(args.model, args.task, args.data, config)
-    scores = (f"mIoU {record['miou']:.2f}%  pixel acc {record['pixel_acc']:.2f}%" if args.task == "seg"
-              else f"top-1 {record['top1']:.2f}%")
+    scores = (f"mIoU {record['miou']:.2f}%  foreground IoU {record['fg_iou']:.2f}%  "
+              f"pixel acc {record['pixel_acc']:.2f}%" if args.task == "seg" else f"top-1 {record['top1']:.2f}%")
     print(f"{args.task} {scores}  ({record['model']} on {record['data']}, {record['n_train']} train / "
           f"{record['n_test']} test, {record['seconds']:.1f} s)")
     text = json.dumps(record, indent=2)

@@ -9,6 +9,7 @@ head, mask tokens), fit the position embedding to the target grid, and insist th
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import pickle
 import re
@@ -25,6 +26,8 @@ from timm.models import VisionTransformer
 
 from .errors import InvalidSettingError, MissingFileError
 from .export import export_model
+
+_logger = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 #: Training-only parameters: projection heads (incl. weight-norm `weight_g/weight_v` and `parametrizations.weight.*`
@@ -113,6 +116,9 @@ def _fit_pos_embed(pos_embed: torch.Tensor, model: VisionTransformer, dino_inter
     """Resample the checkpoint's position embedding to the model's patch grid (a no-op when they agree)."""
     target = model.pos_embed.shape
     if pos_embed.ndim != 3 or pos_embed.shape[-1] != target[-1] or pos_embed.shape[1] == target[1]:
+        if dino_interpolation and pos_embed.shape == target:
+            _logger.warning("dino_interpolation has no effect: the model's grid is the checkpoint's own, which DINO "
+                            "uses unchanged too; give the input size to match DINO at (--img-size)")
         return pos_embed  # same grid, or a shape problem that the key check reports
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     side = math.isqrt(pos_embed.shape[1] - num_prefix)

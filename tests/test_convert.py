@@ -230,3 +230,25 @@ def test_non_square_size_from_the_command_line(dino_pair, dino_ckpt, tmp_path, s
         expected, actual = dino_pair[0](x), loaded.forward_features(x)
     assert actual.shape == (1, 1 + 20 * 30, 64)
     assert (actual - expected).abs().max() < 1e-4
+
+
+def test_dino_interpolation_acts_at_the_conversion_size_only(dino_pair, dino_ckpt, tmp_path, caplog, capsys):
+    from adclr.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "match DINO's at the --img-size only" in " ".join(capsys.readouterr().out.split())  # the help says so
+    native, plain = tmp_path / "native", tmp_path / "plain"
+    convert_checkpoint(dino_ckpt, "vit_small_patch16_224", native, dino_interpolation=True, **TINY)
+    assert "dino_interpolation has no effect" in caplog.text
+    convert_checkpoint(dino_ckpt, "vit_small_patch16_224", plain, **TINY)
+    assert (native / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+    # converted at 288 the DINO way, run at 320: timm's own resampling, not DINO's (the gap the help states)
+    convert_checkpoint(dino_ckpt, "vit_small_patch16_224", tmp_path / "at288", img_size=288, dino_interpolation=True,
+                       **TINY)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'at288'}", pretrained=True, dynamic_img_size=True).eval()
+    x = _images(320)
+    with torch.no_grad():
+        gap = (loaded.forward_features(x) - dino_pair[0](x)).abs().max()
+    assert gap > 1e-3

@@ -223,8 +223,9 @@ def test_unreachable_hub_fails_fast_with_the_named_error(tmp_path):
     with socket.socket() as closed:  # a port that refuses connections
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    result = run_python(_UNREACHABLE, env={"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)),
-                                           "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    env = {"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)), "HF_HOME": str(tmp_path / "home"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    result = run_python(_UNREACHABLE, env=env)
     assert result.returncode == 0, result.stderr
     elapsed, message = result.stdout.split("\n", 1)
     assert float(elapsed) < 5, elapsed
