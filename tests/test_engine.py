@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,36 @@ def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_pa
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["teacher_temp"] == 0.02 and saved["freeze_last_layer"] == 0 and saved["momentum_teacher"] == 0.99
     assert saved["out_dim"] == 64 and saved["head_hidden_dim"] == 32  # the command line over the preset
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _flags(settings: dict) -> list[str]:
+    return [arg for k, v in settings.items()
+            for arg in ("--" + k.replace("_", "-"), json.dumps(v) if isinstance(v, dict) else str(v))]
+
+
+def test_killed_run_resumes_with_each_step_logged_once_and_no_stale_temporary(photo_folder, tmp_path):
+    cmd = [sys.executable, "-m", "adclr.train", "--data", str(photo_folder), "--output", str(tmp_path),
+           *_flags({**TINY, "epochs": 2, "batch_size": 2})]  # 8 steps per epoch: time to kill one mid-epoch
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and '"epoch": 1,' in metrics.read_text()):  # a step after the first checkpoint
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    done = read_training_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"]
+    assert any(r.get("epoch") == done for r in _records(tmp_path))  # logged steps the checkpoint does not hold
+    stale = tmp_path / f".{CHECKPOINT_NAME}.k1ll3d.tmp"  # what a kill during a save leaves: a cut checkpoint
+    stale.write_bytes((tmp_path / CHECKPOINT_NAME).read_bytes()[:5000])
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = _records(tmp_path)
+    assert [r["step"] for r in records if "epoch_end" not in r] == list(range(1, 17))
+    assert [r["epoch_end"] for r in records if "epoch_end" in r] == [1, 2]
+    assert not stale.exists()

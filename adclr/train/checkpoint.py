@@ -42,11 +42,16 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    return f".{path.name}.", ".tmp"
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temporary_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -56,6 +61,16 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that save_atomic(…, path) left when its process was killed mid-save."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    stale = sorted(path.parent.glob(f"{prefix}*{suffix}")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def export_teacher(checkpoint_path: str | Path, out_dir: str | Path, **card) -> dict[str, Any]:

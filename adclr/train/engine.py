@@ -26,12 +26,13 @@ from tqdm import tqdm
 from ..errors import NonFiniteLossError
 from ..images import ImageFolder
 from ..load import read_training_checkpoint
-from .checkpoint import CHECKPOINT_NAME, capture_rng, restore_rng, save_atomic
+from .checkpoint import CHECKPOINT_NAME, capture_rng, remove_stale_temporaries, restore_rng, save_atomic
 from .config import TrainConfig
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
 from .diagnostics import REMEDIES, collapse_state
 from .losses import ADCLRLoss
+from .metrics_log import append_record, keep_completed_epochs
 from .ibot_masks import GlobalViewMasks
 from .network import SSLNetwork, build_network
 from .schedules import cosine_schedule, teacher_temp_schedule
@@ -207,8 +208,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.is_main:
-            with open(self.output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.output, record)
 
     def _warn_on_collapse(self, summary: dict) -> None:
         """Once per loss term and run: a teacher still uniform or one-hot after the warm-ups has stopped teaching."""
@@ -232,6 +232,9 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.output / CHECKPOINT_NAME):
+                _logger.info("removed %s, left by a save that was interrupted", stale)
+            keep_completed_epochs(self.output, self.epoch)  # the part after the checkpoint is trained again
             (self.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last = min(cfg.epochs, until_epoch if until_epoch is not None else cfg.epochs)
         images_per_step = cfg.batch_size * self.world
