@@ -56,7 +56,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, TrainConfig, required=("data",))
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named recipe (small: a few thousand images); flags set to other than their default win")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its checkpoint (with more --epochs: extend it)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -131,11 +131,11 @@ def test_export_round_trip_into_timm(photo_folder, tmp_path):
         assert torch.allclose(model.forward_features(x), teacher.backbone.forward_features(x), atol=1e-6)
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str, resume: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    teacher = train(TrainConfig.from_dict(cfg_dict))
+    teacher = train(TrainConfig.from_dict(cfg_dict), resume=resume)
     torch.save(teacher.state_dict(), Path(out) / f"teacher{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -204,9 +204,76 @@ def _records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def _photos(source: Path, dest: Path, count: int) -> Path:
+    """`count` readable photos of `source` (repeated when it has fewer)."""
+    photos = sorted(p for p in source.rglob("*.png") if p.name != "broken.png")
+    dest.mkdir()
+    for i in range(count):
+        (dest / f"{i:02d}.png").write_bytes(photos[i % len(photos)].read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize("images", [8, 32])
+def test_resume_on_fewer_or_more_images_follows_the_new_run_length(photo_folder, tmp_path, caplog, images):
+    train(_cfg(photo_folder, tmp_path / "run"), until_epoch=1)  # 16 images: 4 steps per epoch
+    data = _photos(photo_folder, tmp_path / "data", images)
+    per_epoch = images // 4
+    with caplog.at_level("WARNING", logger="adclr.train.engine"):
+        trainer = Trainer(_cfg(data, tmp_path / "run"), resume=True)
+        trainer.fit()
+    assert (trainer.epoch, trainer.step) == (2, 2 * per_epoch)
+    assert f"images: 16 -> {images}" in caplog.text and f"steps per epoch: 4 -> {per_epoch}" in caplog.text
+    second = [r for r in _records(tmp_path / "run") if r.get("epoch") == 1]
+    assert [r["step"] for r in second] == list(range(per_epoch + 1, 2 * per_epoch + 1))
+    planned = Trainer(_cfg(data, tmp_path / "planned"))  # the schedules of a run planned on these images
+    assert [r["lr"] for r in second] == [float(planned.lr[r["step"] - 1]) for r in second]
+    assert [r["teacher_temp"] for r in second] == [float(planned.teacher_temp[r["step"] - 1]) for r in second]
+
+
+def test_resume_on_two_processes_after_one(photo_folder, tmp_path):
+    from conftest import _free_port
+
+    from adclr.train.schedules import cosine_schedule
+
+    cfg = _cfg(photo_folder, tmp_path / "run")
+    train(cfg, until_epoch=1)  # one process: 4 steps per epoch
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path), True), nprocs=2, join=True)
+    assert _states_equal(torch.load(tmp_path / "teacher0.pt", weights_only=True),
+                         torch.load(tmp_path / "teacher1.pt", weights_only=True))
+    checkpoint = read_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert (checkpoint["epoch"], checkpoint["step"], checkpoint["world"]) == (2, 4, 2)  # 16 / (4 x 2): 2 per epoch
+    second = [r for r in _records(tmp_path / "run") if r.get("epoch") == 1]
+    lr = cosine_schedule(cfg.lr * 8 / 256, cfg.min_lr, 2, 2, cfg.warmup_epochs)  # the global batch is 8 now
+    assert [r["step"] for r in second] == [3, 4] and [r["lr"] for r in second] == [float(lr[2]), float(lr[3])]
+
+
 def _flags(settings: dict) -> list[str]:
     return [arg for k, v in settings.items()
             for arg in ("--" + k.replace("_", "-"), json.dumps(v) if isinstance(v, dict) else str(v))]
+
+
+def test_resume_with_more_epochs_extends_the_run_and_fewer_is_refused(photo_folder, tmp_path, caplog, capsys):
+    from adclr.cli import main
+    from adclr.errors import InvalidSettingError
+
+    train(_cfg(photo_folder, tmp_path / "run", epochs=1))
+    with caplog.at_level("WARNING", logger="adclr.train.engine"):
+        extended = Trainer(_cfg(photo_folder, tmp_path / "run", epochs=2), resume=True)
+        extended.fit()
+    assert "epochs: 1 -> 2" in caplog.text and (extended.epoch, extended.step) == (2, 8)
+    train(_cfg(photo_folder, tmp_path / "planned", epochs=2))
+    logged = lambda run: [(r["step"], r["lr"], r["wd"], r["momentum"]) for r in _records(run) if r.get("epoch") == 1]
+    assert logged(tmp_path / "run") == logged(tmp_path / "planned")  # the second epoch as a 2-epoch run has it
+
+    files = {p: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(InvalidSettingError, match="--epochs 1 is fewer than the 2 epochs the checkpoint"):
+        Trainer(_cfg(photo_folder, tmp_path / "run", epochs=1), resume=True)
+    args = ["train", "--resume", "--data", str(photo_folder), "--output", str(tmp_path / "run"), *_flags(TINY)]
+    capsys.readouterr()
+    assert main(args + ["--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("adclr train: error: --epochs 1 is fewer") and "Traceback" not in err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").iterdir()} == files  # refused before anything was written
 
 
 def test_killed_run_resumes_with_each_step_logged_once_and_no_stale_temporary(photo_folder, tmp_path):

@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, holding everything `--resume` needs; read by `adclr.load.read_training_checkpoint`.
 
 Layout: {'student', 'teacher': SSLNetwork state dicts ('backbone.<timm key>', 'head.*', 'mask_token'), 'optimizer',
-'scaler', 'loss' (the centers), 'epoch' (epochs completed), 'step', 'rng', 'config'}.
+'scaler', 'loss' (the centers), 'epoch' (epochs completed), 'step', 'rng', 'config', 'world' (processes), 'images'}.
+'world' and 'images' only let a resumed run say what changed in its length.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..errors import NonFiniteLossError
+from ..errors import InvalidSettingError, NonFiniteLossError
 from ..images import ImageFolder
 from ..load import read_training_checkpoint
 from .checkpoint import CHECKPOINT_NAME, capture_rng, remove_stale_temporaries, restore_rng, save_atomic
@@ -40,8 +40,10 @@ from .step import TrainStep
 
 _logger = logging.getLogger(__name__)
 
-#: Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"data", "output", "workers", "log_every", "save_every"}
+#: Settings that may change between an interrupted run and its resumption. The run's length may change too (epochs,
+#: batch size, and outside the config the processes and the images): the schedules are laid out for the run as it is
+#: now and resumed at its progress in whole epochs, as DINO does.
+RESUMABLE_CHANGES = {"data", "output", "workers", "log_every", "save_every", "epochs", "batch_size"}
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
@@ -78,8 +80,19 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
                if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(v)}
     if changed:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"--resume with settings that differ from the checkpoint's ({detail}); resume with the "
-                         "original settings or start a new --output.")
+        raise InvalidSettingError(f"--resume with settings that differ from the checkpoint's ({detail}); resume with "
+                                  "the original settings or start a new --output.")
+
+
+def _run_length_changes(checkpoint: dict, cfg: TrainConfig, world: int, images: int, steps_per_epoch: int) -> list[str]:
+    """'what: checkpoint -> now' for each change that moves the schedules (older checkpoints lack some fields)."""
+    saved, done = checkpoint["config"], checkpoint["epoch"]
+    before = {"epochs": saved["epochs"], "batch size per process": saved["batch_size"],
+              "processes": checkpoint.get("world"), "images": checkpoint.get("images"),
+              "steps per epoch": checkpoint["step"] // done}
+    now = {"epochs": cfg.epochs, "batch size per process": cfg.batch_size, "processes": world, "images": images,
+           "steps per epoch": steps_per_epoch}
+    return [f"{k}: {before[k]} -> {now[k]}" for k in now if before[k] is not None and before[k] != now[k]]
 
 
 class Trainer:
@@ -132,8 +145,8 @@ class Trainer:
         if dropped and self.is_main:
             _logger.warning("skipped %d unreadable image(s) under %s", dropped, cfg.data)
         if len(dataset) < cfg.batch_size * self.world:
-            raise ValueError(f"{cfg.data} has {len(dataset)} readable images, fewer than one global batch "
-                             f"({cfg.batch_size} x {self.world} processes); lower --batch-size or add images.")
+            raise InvalidSettingError(f"{cfg.data} has {len(dataset)} readable images, fewer than one global batch "
+                                      f"({cfg.batch_size} x {self.world} processes); lower --batch-size or add images.")
         sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed,
                                      drop_last=True)
         masks = None
@@ -147,16 +160,30 @@ class Trainer:
     def _resume(self) -> None:
         checkpoint = read_training_checkpoint(self.output / CHECKPOINT_NAME)
         _check_resumable(checkpoint["config"], self.cfg)
+        done = checkpoint["epoch"]
+        if self.cfg.epochs < done:
+            raise InvalidSettingError(f"--epochs {self.cfg.epochs} is fewer than the {done} epochs the checkpoint in "
+                                      f"{self.output} has done; resume with --epochs {done} or more, or export it as "
+                                      "it is (adclr export).")
         self.student.load_state_dict(checkpoint["student"])
         self.teacher.load_state_dict(checkpoint["teacher"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.loss.load_state_dict(checkpoint["loss"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
-        restore_rng(checkpoint["rng"][self.rank] if isinstance(checkpoint["rng"], list) else checkpoint["rng"])
-        if self.is_main:
-            _logger.info("resumed from %s at epoch %d, step %d", self.output / CHECKPOINT_NAME, self.epoch, self.step)
+        # Checkpoints are written at epoch ends, so progress is whole epochs: the step is where this run's schedules
+        # stand after `done` epochs, whatever the checkpoint's run length was.
+        self.epoch, self.step = done, done * len(self.loader)
+        states = checkpoint["rng"] if isinstance(checkpoint["rng"], list) else [checkpoint["rng"]]
+        restore_rng(states[self.rank % len(states)])  # a rank the checkpoint lacks shares a stream, as a fresh run does
+        if not self.is_main:
+            return
+        changes = _run_length_changes(checkpoint, self.cfg, self.world, len(self.dataset), len(self.loader))
+        if changes:
+            _logger.warning("resuming with a different run length (%s): the lr, weight decay, teacher momentum and "
+                            "temperature schedules are laid out for %d epochs of %d steps as DINO does and continue at "
+                            "step %d", "; ".join(changes), self.cfg.epochs, len(self.loader), self.step)
+        _logger.info("resumed from %s at epoch %d, step %d", self.output / CHECKPOINT_NAME, self.epoch, self.step)
 
     def _save(self) -> None:
         rng = capture_rng()
@@ -170,7 +197,7 @@ class Trainer:
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "loss": self.loss.state_dict(), "epoch": self.epoch, "step": self.step, "rng": rng,
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.to_dict(), "world": self.world, "images": len(self.dataset),
         }, self.output / CHECKPOINT_NAME)
 
     def train_step(self, batch: dict) -> dict[str, float]:
