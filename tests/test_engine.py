@@ -213,19 +213,22 @@ def _photos(source: Path, dest: Path, count: int) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("images", [8, 32])
-def test_resume_on_fewer_or_more_images_follows_the_new_run_length(photo_folder, tmp_path, caplog, images):
-    train(_cfg(photo_folder, tmp_path / "run"), until_epoch=1)  # 16 images: 4 steps per epoch
+@pytest.mark.parametrize("images, batch_size", [(8, 4), (32, 4), (16, 2)])
+def test_resume_on_fewer_or_more_images_or_another_batch_size_follows_the_new_run_length(photo_folder, tmp_path, caplog,
+                                                                                        images, batch_size):
+    train(_cfg(photo_folder, tmp_path / "run"), until_epoch=1)  # 16 images, batches of 4: 4 steps per epoch
     data = _photos(photo_folder, tmp_path / "data", images)
-    per_epoch = images // 4
+    per_epoch = images // batch_size
     with caplog.at_level("WARNING", logger="adclr.train.engine"):
-        trainer = Trainer(_cfg(data, tmp_path / "run"), resume=True)
+        trainer = Trainer(_cfg(data, tmp_path / "run", batch_size=batch_size), resume=True)
         trainer.fit()
     assert (trainer.epoch, trainer.step) == (2, 2 * per_epoch)
-    assert f"images: 16 -> {images}" in caplog.text and f"steps per epoch: 4 -> {per_epoch}" in caplog.text
+    assert f"steps per epoch: 4 -> {per_epoch}" in caplog.text
+    assert (f"images: 16 -> {images}" in caplog.text) == (images != 16)
+    assert (f"batch size per process: 4 -> {batch_size}" in caplog.text) == (batch_size != 4)
     second = [r for r in _records(tmp_path / "run") if r.get("epoch") == 1]
     assert [r["step"] for r in second] == list(range(per_epoch + 1, 2 * per_epoch + 1))
-    planned = Trainer(_cfg(data, tmp_path / "planned"))  # the schedules of a run planned on these images
+    planned = Trainer(_cfg(data, tmp_path / "planned", batch_size=batch_size))  # a run planned this way
     assert [r["lr"] for r in second] == [float(planned.lr[r["step"] - 1]) for r in second]
     assert [r["teacher_temp"] for r in second] == [float(planned.teacher_temp[r["step"] - 1]) for r in second]
 
