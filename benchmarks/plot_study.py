@@ -29,22 +29,28 @@ PALETTE = np.array(plt.get_cmap("tab20").colors[:11]) * 255
 
 
 def curves(results: dict, runs_dir: Path, out: Path) -> None:
-    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    """Loss terms and the teacher's mean / batch-mean entropy over steps, all over ln K (the collapse diagnostics)."""
+    fig, (loss_ax, entropy_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, record in results.items():
-        if "curve" not in record:
+        metrics = runs_dir / name / "metrics.jsonl"
+        if "config" not in record or not metrics.is_file():
             continue
-        epochs = [c["epoch"] for c in record["curve"]]
-        knn_ax.plot(epochs, [c["knn"] for c in record["curve"]], marker="o", label=name)
-        steps = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
+        log_k = np.log(record["config"]["out_dim"])
+        steps = [json.loads(line) for line in metrics.read_text().splitlines()]
         steps = [s for s in steps if "epoch_end" not in s]
-        line, = loss_ax.plot([s["step"] for s in steps], [s["cls"] for s in steps], label=f"{name} [CLS]")
+        x = [s["step"] for s in steps]
+        line, = loss_ax.plot(x, [s["cls"] / log_k for s in steps], label=f"{name} [CLS]")
         if any(s["query"] for s in steps):
-            loss_ax.plot([s["step"] for s in steps], [s["query"] for s in steps], linestyle="--",
-                         color=line.get_color(), label=f"{name} query")
-    knn_ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN on Fashion-MNIST items (2000/500)")
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss terms")
-    knn_ax.legend(fontsize=8)
+            loss_ax.plot(x, [s["query"] / log_k for s in steps], linestyle="--", color=line.get_color(),
+                         label=f"{name} query")
+        entropy_ax.plot(x, [s["cls_teacher_entropy"] / log_k for s in steps], color=line.get_color(), label=name)
+        entropy_ax.plot(x, [s["cls_batch_entropy"] / log_k for s in steps], linestyle=":", color=line.get_color())
+    loss_ax.axhline(0.8, color="gray", linewidth=0.8)
+    loss_ax.set(xlabel="step", ylabel="loss / ln K", title="loss terms (gate: [CLS] <= 0.8 ln K)")
+    entropy_ax.set(xlabel="step", ylabel="entropy / ln K",
+                   title="[CLS] teacher: row entropy (solid), batch-mean entropy (dotted)")
     loss_ax.legend(fontsize=7, ncol=2)
+    entropy_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -1,48 +1,56 @@
-"""Small-scale ADCLR vs DINO study on Fashion-MNIST scenes (CPU-sized; see benchmarks/RESULTS.md).
+"""Small-scale study v2: does the training learn, and what do ADCLR's queries add? (CPU-sized; see RESULTS.md)
 
-Every run pretrains the same small ViT (depth 6, width 192, patch 8 at 64 px) on the same unlabelled scenes with the
-same budget and seed, then scores the teacher backbone on frozen features:
-  k-NN and linear probe on single Fashion-MNIST test items (global task), and a 1x1 dense probe on held-out scenes
-  (mIoU over 11 classes, the dense task). A k-NN score after every epoch gives the training curves.
+Pretraining data: unlabelled Fashion-MNIST scenes (2-4 tinted items over textured backgrounds, 64 px). Every run
+trains the same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token grid) with the `small` preset
+for the same number of steps, then scores the teacher backbone on frozen features:
+  global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
+          item over a textured background, `adclr.scenes.item_scenes`);
+  dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
+          predictions with every item class merged into one).
+Anchors: random init (the floor) and the same ViT trained *with* the scene masks for the same steps (supervised).
+Gates, checked before any comparison is printed: trained DINO beats random init by >= 15 k-NN points (plain items)
+and by >= 5 points of foreground IoU.
 
-    python benchmarks/study.py --out benchmarks/results/study            # all runs
-    python benchmarks/study.py --out DIR --runs dino_s0 adclr_s0         # a subset
-Needs the Debian package dataset-fashion-mnist. Results: one JSON per run in --out; checkpoints and metrics.jsonl in --runs-dir.
+    python benchmarks/study.py --out benchmarks/results/study                  # every run, then the summary
+    python benchmarks/study.py --runs dino_s0 adclr_s0                          # a subset (finished runs are kept)
+    python benchmarks/study.py --summary                                        # the table from the JSON files
+Needs the Debian package dataset-fashion-mnist. One JSON per run in --out; checkpoints and metrics.jsonl in --runs-dir.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import adclr  # noqa: F401  registers the archs
-from adclr.evaluate import evaluate
-from adclr.scenes import fashion_scenes
-from adclr.train import TrainConfig, Trainer
+from adclr.evaluate import extract_dense, extract_global
+from adclr.load import create_vit
+from adclr.probes import dense_probe, knn_accuracy, linear_probe
+from adclr.scenes import fashion_scenes, item_scenes, items_to_rgb, load_fashion_mnist
+from adclr.train import PRESETS, TrainConfig, Trainer
 
-BASE = dict(
-    arch="adclr_vit_tiny", img_size=64, model_kwargs={"depth": 6, "patch_size": 8},
-    local_crops=4, local_size=32, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
-    out_dim=4096, head_hidden_dim=1024, head_bottleneck_dim=256,
-    epochs=6, batch_size=64, lr=2e-3, warmup_epochs=1, momentum_teacher=0.99,
-    warmup_teacher_temp_epochs=2, workers=2, log_every=5, query_size=8,
-)
-RUNS = {
-    "dino_s0": dict(num_queries=0, seed=0),
-    "adclr_s0": dict(num_queries=10, seed=0),
-    "adclr_allq_s0": dict(num_queries=10, query_attends="all_queries", seed=0),
-    "dino_s1": dict(num_queries=0, seed=1),
-    "adclr_s1": dict(num_queries=10, seed=1),
-}
-EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=300, curve_train=2000, curve_test=500)
+ARCH = dict(arch="adclr_vit_mini_patch8", img_size=64)
+#: The scenes are 64 px: global crops 64 px (scale 0.4-1), 4 local crops 32 px (0.1-0.4), one token per query crop.
+BASE = dict(**ARCH, **PRESETS["small"], local_crops=4, local_size=32, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
+            query_size=8, batch_size=64, epochs=4, workers=1, log_every=10)
+METHODS = {"dino": dict(num_queries=0), "adclr": dict(num_queries=10),
+           "adclr_allq": dict(num_queries=10, query_attends="all_queries")}  # ablation: queries also read each other
+SEEDS = (0, 1, 2)
+RUNS = {f"{method}_s{seed}": dict(settings, seed=seed) for method, settings in METHODS.items() for seed in SEEDS}
+EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=300)
+GATES = dict(knn_points=15.0, fg_iou_points=5.0)
 
 
 def write_scene_folder(root: Path, n: int) -> Path:
@@ -57,37 +65,112 @@ def write_scene_folder(root: Path, n: int) -> Path:
     return root
 
 
-def score(backbone: torch.nn.Module, *, curve: bool = False) -> dict:
+def eval_data() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(train images, train labels, test images, test labels) per task; fixed subsets, same for every model."""
+    n_train, n_test = EVAL["items_train"], EVAL["items_test"]
+    items, labels = load_fashion_mnist("train")
+    test_items, test_labels = load_fashion_mnist("test")
+    scenes, masks = fashion_scenes("test", EVAL["scenes_train"] + EVAL["scenes_test"])
+    return {
+        "plain": (items_to_rgb(items[:n_train], 64), labels[:n_train],
+                  items_to_rgb(test_items[:n_test], 64), test_labels[:n_test]),
+        "textured": (*item_scenes("train", n_train), *item_scenes("test", n_test)),
+        "scenes": (scenes[:EVAL["scenes_train"]], masks[:EVAL["scenes_train"]],
+                   scenes[EVAL["scenes_train"]:], masks[EVAL["scenes_train"]:]),
+    }
+
+
+def score(backbone: nn.Module, data: dict) -> dict[str, float]:
+    """Every figure of one frozen backbone (in %)."""
     backbone = backbone.eval()
-    if curve:
-        knn = evaluate(backbone, "knn", "fashion-mnist", image_size=64, limit_train=EVAL["curve_train"],
-                       limit_test=EVAL["curve_test"], progress=False)
-        return {"knn": knn["top1"]}
-    knn = evaluate(backbone, "knn", "fashion-mnist", image_size=64, limit_train=EVAL["items_train"],
-                   limit_test=EVAL["items_test"], progress=False)
-    linear = evaluate(backbone, "linear", "fashion-mnist", image_size=64, limit_train=EVAL["items_train"],
-                      limit_test=EVAL["items_test"], progress=False)
-    seg = evaluate(backbone, "seg", "fashion-scenes", n_train=EVAL["scenes_train"], n_test=EVAL["scenes_test"],
-                   progress=False)
-    return {"knn": knn["top1"], "linear": linear["top1"], "miou": seg["miou"], "pixel_acc": seg["pixel_acc"]}
+    out: dict[str, float] = {}
+    for task in ("plain", "textured"):
+        x_train, y_train, x_test, y_test = data[task]
+        f_train, f_test = extract_global(backbone, x_train), extract_global(backbone, x_test)
+        y_train, y_test = torch.as_tensor(y_train).long(), torch.as_tensor(y_test).long()
+        out[f"{task}_knn"] = knn_accuracy(f_train, y_train, f_test, y_test)
+        out[f"{task}_linear"] = linear_probe(f_train, y_train, f_test, y_test)
+    x_train, m_train, x_test, m_test = data["scenes"]
+    seg = dense_probe(extract_dense(backbone, x_train), torch.as_tensor(m_train), extract_dense(backbone, x_test),
+                      torch.as_tensor(m_test))
+    return out | {"miou": seg["miou"], "fg_iou": seg["fg_iou"]}
 
 
-def run(name: str, overrides: dict, data: Path, out: Path, runs_dir: Path) -> dict:
-    cfg = TrainConfig(data=str(data), output=str(runs_dir / name), **{**BASE, **overrides})
-    trainer = Trainer(cfg)
-    curve, train_seconds = [], 0.0
-    for epoch in range(cfg.epochs):
-        start = time.perf_counter()
-        trainer.fit(until_epoch=epoch + 1)
-        train_seconds += time.perf_counter() - start  # evaluation time is not training time
-        curve.append({"epoch": epoch + 1, "train_seconds": round(train_seconds, 1),
-                      **score(trainer.teacher.backbone, curve=True)})
-        logging.info("%s epoch %d: %s", name, epoch + 1, curve[-1])
-    record = {"run": name, "config": cfg.to_dict(), "train_seconds": round(train_seconds, 1), "curve": curve,
-              "final": score(trainer.teacher.backbone)}
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    logging.info("%s final: %s", name, record["final"])
-    return record
+def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path) -> tuple[nn.Module, dict]:
+    cfg = TrainConfig(data=str(data_dir), output=str(runs_dir / name), **{**BASE, **settings})
+    start = time.perf_counter()
+    trainer = Trainer(cfg, resume=(runs_dir / name / "checkpoint.pth").exists())  # an interrupted run continues
+    teacher = trainer.fit()
+    epochs = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
+    last = [e for e in epochs if "epoch_end" in e][-1]
+    log_k = math.log(cfg.out_dim)
+    losses = {f"{term}_over_ln_k": last[term] / log_k for term in ("cls", "query") if last.get(term)}
+    losses |= {k: v for k, v in last.items() if "entropy" in k or k.endswith("_kl")}
+    return teacher.backbone, {"config": cfg.to_dict(), "steps": trainer.step,
+                              "train_seconds": round(time.perf_counter() - start, 1), "final_loss": losses}
+
+
+def supervised(data_dir_scenes: int, steps: int, seed: int = 0, batch_size: int = 64) -> nn.Module:
+    """The upper anchor: the same ViT trained with a per-patch linear head on the pretraining scenes' masks.
+
+    Same steps and batch as a pretraining run, AdamW with a cosine learning rate, horizontal flips.
+    """
+    torch.manual_seed(seed)
+    images, masks = fashion_scenes("train", data_dir_scenes)
+    backbone = create_vit(ARCH["arch"], img_size=ARCH["img_size"], drop_path_rate=0.1)
+    head = nn.Conv2d(backbone.embed_dim, 11, kernel_size=1)
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]))
+    x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    y_all = torch.from_numpy(masks)
+    grid = ARCH["img_size"] // backbone.patch_embed.patch_size[0]
+    backbone.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x_all), (batch_size,))
+        x, y = x_all[idx], y_all[idx]
+        flip = torch.rand(batch_size) < 0.5
+        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+        maps = tokens.transpose(1, 2).reshape(batch_size, -1, grid, grid)
+        logits = F.interpolate(head(maps), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return backbone
+
+
+def summary(out: Path) -> str:
+    """Mean +- std per method, the gates, and the per-seed table, as Markdown."""
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "machine"}
+    if "random_init" not in records:
+        return "no random_init.json yet: run the study first"
+    keys = ["plain_knn", "plain_linear", "textured_knn", "textured_linear", "miou", "fg_iou"]
+    groups: dict[str, list[dict]] = {}
+    for name, record in records.items():
+        groups.setdefault(name.rsplit("_s", 1)[0] if name[-1].isdigit() else name, []).append(record)
+    lines = ["| run | seeds | " + " | ".join(keys) + " | [CLS] / ln K | query / ln K |", "|---" * (len(keys) + 4) + "|"]
+    for group, rs in groups.items():
+        cells = []
+        for k in keys:
+            values = [r["final"][k] for r in rs]
+            cells.append(f"{statistics.mean(values):.1f}" + (f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""))
+        loss = [r.get("final_loss", {}) for r in rs]
+        terms = [" / ".join(f"{l[t]:.2f}" for l in loss if t in l) or "-" for t in ("cls_over_ln_k", "query_over_ln_k")]
+        lines.append(f"| {group} | {len(rs)} | " + " | ".join(cells) + f" | {terms[0]} | {terms[1]} |")
+    random = records["random_init"]["final"]
+    dino = groups.get("dino", [])
+    if dino:
+        knn_gain = statistics.mean(r["final"]["plain_knn"] for r in dino) - random["plain_knn"]
+        fg_gain = statistics.mean(r["final"]["fg_iou"] for r in dino) - random["fg_iou"]
+        passed = knn_gain >= GATES["knn_points"] and fg_gain >= GATES["fg_iou_points"]
+        lines += ["", f"Gates: DINO - random init = {knn_gain:+.1f} k-NN points (need >= {GATES['knn_points']:.0f}), "
+                      f"{fg_gain:+.1f} foreground-IoU points (need >= {GATES['fg_iou_points']:.0f}): "
+                      + ("passed, methods may be compared." if passed else "NOT passed: no method comparison is valid.")]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -96,21 +179,40 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/scenes"))
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
     parser.add_argument("--scenes", type=int, default=4000)
-    parser.add_argument("--runs", nargs="*", default=list(RUNS))
+    parser.add_argument("--epochs", type=int, default=BASE["epochs"], help="pretraining epochs of every run")
+    parser.add_argument("--runs", nargs="*", default=["random_init", "supervised_s0", *RUNS],
+                        help=f"any of random_init, supervised_s0, {', '.join(RUNS)}")
+    parser.add_argument("--summary", action="store_true", help="only print the table of the finished runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.summary:
+        print(summary(args.out))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     (args.out / "machine.json").write_text(json.dumps(machine, indent=2))
-    data = write_scene_folder(args.data, args.scenes)
-    if "random_init" not in [p.stem for p in args.out.glob("*.json")]:
-        torch.manual_seed(0)
-        backbone = timm.create_model(BASE["arch"], img_size=64, **BASE["model_kwargs"])
-        (args.out / "random_init.json").write_text(json.dumps({"run": "random_init", "final": score(backbone)}, indent=2))
+    data_dir = write_scene_folder(args.data, args.scenes)
+    data = eval_data()
+    steps = args.epochs * (args.scenes // BASE["batch_size"])
     for name in args.runs:
-        run(name, RUNS[name], data, args.out, args.runs_dir)
+        if (args.out / f"{name}.json").exists():
+            continue
+        if name == "random_init":
+            torch.manual_seed(0)
+            record = {"run": name, "final": score(create_vit(ARCH["arch"], img_size=ARCH["img_size"]), data)}
+        elif name.startswith("supervised"):
+            start = time.perf_counter()
+            backbone = supervised(args.scenes, steps, seed=int(name.rsplit("_s", 1)[1]))
+            record = {"run": name, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
+                      "final": score(backbone, data)}
+        else:
+            backbone, info = pretrain(name, RUNS[name] | {"epochs": args.epochs}, data_dir, args.runs_dir)
+            record = {"run": name, **info, "final": score(backbone, data)}
+        (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
+        logging.info("%s: %s", name, record["final"])
+    print(summary(args.out))
 
 
 if __name__ == "__main__":
