@@ -9,7 +9,7 @@ for the same number of steps, then scores the teacher backbone on frozen feature
           predictions with every item class merged into one).
 Anchors: random init (the floor) and the same ViT trained *with* the scene masks for the same steps (supervised).
 Gates, checked before any comparison is printed: trained DINO beats random init by >= 15 k-NN points (plain items)
-and by >= 5 points of foreground IoU.
+and by >= 5 points of foreground IoU, and every DINO and ADCLR run ends with its [CLS] term at or below 0.8 ln K.
 
     python benchmarks/study.py --out benchmarks/results/study                  # every run, then the summary
     python benchmarks/study.py --runs dino_s0 adclr_s0                          # a subset (finished runs are kept)
@@ -50,7 +50,7 @@ METHODS = {"dino": dict(num_queries=0), "adclr": dict(num_queries=10),
 SEEDS = (0, 1, 2)
 RUNS = {f"{method}_s{seed}": dict(settings, seed=seed) for method, settings in METHODS.items() for seed in SEEDS}
 EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=300)
-GATES = dict(knn_points=15.0, fg_iou_points=5.0)
+GATES = dict(knn_points=15.0, fg_iou_points=5.0, cls_over_ln_k=0.8)
 
 
 def write_scene_folder(root: Path, n: int) -> Path:
@@ -166,9 +166,12 @@ def summary(out: Path) -> str:
     if dino:
         knn_gain = statistics.mean(r["final"]["plain_knn"] for r in dino) - random["plain_knn"]
         fg_gain = statistics.mean(r["final"]["fg_iou"] for r in dino) - random["fg_iou"]
-        passed = knn_gain >= GATES["knn_points"] and fg_gain >= GATES["fg_iou_points"]
+        cls_end = [r["final_loss"]["cls_over_ln_k"] for g in ("dino", "adclr") for r in groups.get(g, [])]
+        passed = (knn_gain >= GATES["knn_points"] and fg_gain >= GATES["fg_iou_points"]
+                  and max(cls_end) <= GATES["cls_over_ln_k"])
         lines += ["", f"Gates: DINO - random init = {knn_gain:+.1f} k-NN points (need >= {GATES['knn_points']:.0f}), "
-                      f"{fg_gain:+.1f} foreground-IoU points (need >= {GATES['fg_iou_points']:.0f}): "
+                      f"{fg_gain:+.1f} foreground-IoU points (need >= {GATES['fg_iou_points']:.0f}); largest final [CLS] "
+                      f"term {max(cls_end):.2f} ln K (need <= {GATES['cls_over_ln_k']}): "
                       + ("passed, methods may be compared." if passed else "NOT passed: no method comparison is valid.")]
     return "\n".join(lines)
 
