@@ -132,22 +132,26 @@ class _ConnectionCounter:
             conn.close()
 
 
-def test_offline_error_names_model_repo_and_ways_out_without_network(tmp_path):
-    entry = WeightsEntry(name="adclr_vit_tiny.test", hf_hub_id="adclr-test/never-downloaded", revision="a" * 40,
-                         filename="model.safetensors", sha256="b" * 64, size_bytes=10, license="apache-2.0")
-    manifest = _manifest(tmp_path / "weights.toml", [entry])
-    hub = _ConnectionCounter()
-    code = """
+#: Loads `adclr_vit_tiny.test` in a fresh interpreter; prints the seconds until WeightsUnavailableError, then the error.
+_TIMED_LOAD = """
 import time, timm, adclr
 t = time.perf_counter()
 try:
     timm.create_model('adclr_vit_tiny.test', pretrained=True)
 except adclr.WeightsUnavailableError as e:
-    print(f'elapsed={time.perf_counter() - t:.3f}')
+    print(f'{time.perf_counter() - t:.3f}')
     print(e)
 """
-    result = run_python(code, env={"ADCLR_WEIGHTS_MANIFEST": str(manifest), "HF_HUB_OFFLINE": "1",
-                                   "HF_HOME": str(tmp_path / "empty_home"), "HF_ENDPOINT": f"http://127.0.0.1:{hub.port}"})
+
+
+def test_offline_error_names_model_repo_and_ways_out_without_network(tmp_path):
+    entry = WeightsEntry(name="adclr_vit_tiny.test", hf_hub_id="adclr-test/never-downloaded", revision="a" * 40,
+                         filename="model.safetensors", sha256="b" * 64, size_bytes=10, license="apache-2.0")
+    manifest = _manifest(tmp_path / "weights.toml", [entry])
+    hub = _ConnectionCounter()
+    result = run_python(_TIMED_LOAD, env={"ADCLR_WEIGHTS_MANIFEST": str(manifest), "HF_HUB_OFFLINE": "1",
+                                          "HF_HOME": str(tmp_path / "empty_home"),
+                                          "HF_ENDPOINT": f"http://127.0.0.1:{hub.port}"})
     assert result.returncode == 0, result.stderr
     print(result.stdout.splitlines()[0])  # how fast it comes, for the record (-s)
     msg = result.stdout
@@ -202,15 +206,6 @@ def test_models_command_reports_cached(local_hub, exported_tiny, tmp_path):
     assert "(no published weights)" in after  # small and base have none
 
 
-_UNREACHABLE = """
-import time, timm, adclr
-t = time.perf_counter()
-try:
-    timm.create_model('adclr_vit_tiny.test', pretrained=True)
-except adclr.WeightsUnavailableError as e:
-    print(f'{time.perf_counter() - t:.3f}')
-    print(e)
-"""
 
 
 def _unreachable_entry(tmp_path) -> Path:
@@ -225,7 +220,7 @@ def test_unreachable_hub_fails_fast_with_the_named_error(tmp_path):
         port = closed.getsockname()[1]
     env = {"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)), "HF_HOME": str(tmp_path / "home"),
            "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
-    result = run_python(_UNREACHABLE, env=env)
+    result = run_python(_TIMED_LOAD, env=env)
     assert result.returncode == 0, result.stderr
     elapsed, message = result.stdout.split("\n", 1)
     assert float(elapsed) < 5, elapsed
@@ -236,7 +231,7 @@ def test_silent_hub_waits_as_long_as_adclr_hub_timeout(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
         env = {"ADCLR_WEIGHTS_MANIFEST": str(_unreachable_entry(tmp_path)), "HF_HOME": str(tmp_path / "home"),
                "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "ADCLR_HUB_TIMEOUT": "0.5"}
-        result = run_python(_UNREACHABLE, env=env)
+        result = run_python(_TIMED_LOAD, env=env)
     assert result.returncode == 0, result.stderr
     elapsed, message = result.stdout.split("\n", 1)
     assert float(elapsed) < 5, elapsed
