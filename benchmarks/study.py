@@ -38,8 +38,9 @@ import adclr  # noqa: F401  registers the archs
 from adclr.evaluate import extract_dense, extract_global
 from adclr.load import create_vit
 from adclr.probes import dense_probe, knn_accuracy, linear_probe
-from adclr.scenes import fashion_scenes, item_scenes, items_to_rgb, load_fashion_mnist
+from adclr.scenes import NUM_SCENE_CLASSES, fashion_scenes, item_scenes, items_to_rgb, load_fashion_mnist
 from adclr.train import PRESETS, TrainConfig, Trainer
+from adclr.train.checkpoint import CHECKPOINT_NAME
 
 ARCH = dict(arch="adclr_vit_mini_patch8", img_size=64)
 #: The scenes are 64 px: global crops 64 px (scale 0.4-1), 4 local crops 32 px (0.1-0.4), one token per query crop.
@@ -99,7 +100,7 @@ def score(backbone: nn.Module, data: dict) -> dict[str, float]:
 def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path) -> tuple[nn.Module, dict]:
     cfg = TrainConfig(data=str(data_dir), output=str(runs_dir / name), **{**BASE, **settings})
     start = time.perf_counter()
-    trainer = Trainer(cfg, resume=(runs_dir / name / "checkpoint.pth").exists())  # an interrupted run continues
+    trainer = Trainer(cfg, resume=(runs_dir / name / CHECKPOINT_NAME).exists())  # an interrupted run continues
     teacher = trainer.fit()
     epochs = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
     last = [e for e in epochs if "epoch_end" in e][-1]
@@ -110,19 +111,19 @@ def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path) -> tuple
                               "train_seconds": round(time.perf_counter() - start, 1), "final_loss": losses}
 
 
-def supervised(data_dir_scenes: int, steps: int, seed: int = 0, batch_size: int = 64) -> nn.Module:
+def supervised(n_scenes: int, steps: int, seed: int = 0, batch_size: int = 64) -> nn.Module:
     """The upper anchor: the same ViT trained with a per-patch linear head on the pretraining scenes' masks.
 
     Same steps and batch as a pretraining run, AdamW with a cosine learning rate, horizontal flips.
     """
     torch.manual_seed(seed)
-    images, masks = fashion_scenes("train", data_dir_scenes)
+    images, masks = fashion_scenes("train", n_scenes)
     backbone = create_vit(ARCH["arch"], img_size=ARCH["img_size"], drop_path_rate=0.1)
-    head = nn.Conv2d(backbone.embed_dim, 11, kernel_size=1)
+    head = nn.Conv2d(backbone.embed_dim, NUM_SCENE_CLASSES, kernel_size=1)
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]))
+    mean, std = (torch.tensor(backbone.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
     y_all = torch.from_numpy(masks)
     grid = ARCH["img_size"] // backbone.patch_embed.patch_size[0]
@@ -157,7 +158,8 @@ def summary(out: Path) -> str:
         cells = []
         for k in keys:
             values = [r["final"][k] for r in rs]
-            cells.append(f"{statistics.mean(values):.1f}" + (f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""))
+            spread = f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.1f}{spread}")
         loss = [r.get("final_loss", {}) for r in rs]
         terms = [" / ".join(f"{l[t]:.2f}" for l in loss if t in l) or "-" for t in ("cls_over_ln_k", "query_over_ln_k")]
         lines.append(f"| {group} | {len(rs)} | " + " | ".join(cells) + f" | {terms[0]} | {terms[1]} |")
@@ -169,10 +171,10 @@ def summary(out: Path) -> str:
         cls_end = [r["final_loss"]["cls_over_ln_k"] for g in ("dino", "adclr") for r in groups.get(g, [])]
         passed = (knn_gain >= GATES["knn_points"] and fg_gain >= GATES["fg_iou_points"]
                   and max(cls_end) <= GATES["cls_over_ln_k"])
+        verdict = "passed, methods may be compared." if passed else "NOT passed: no method comparison is valid."
         lines += ["", f"Gates: DINO - random init = {knn_gain:+.1f} k-NN points (need >= {GATES['knn_points']:.0f}), "
-                      f"{fg_gain:+.1f} foreground-IoU points (need >= {GATES['fg_iou_points']:.0f}); largest final [CLS] "
-                      f"term {max(cls_end):.2f} ln K (need <= {GATES['cls_over_ln_k']}): "
-                      + ("passed, methods may be compared." if passed else "NOT passed: no method comparison is valid.")]
+                      f"{fg_gain:+.1f} foreground-IoU points (need >= {GATES['fg_iou_points']:.0f}); largest final "
+                      f"[CLS] term {max(cls_end):.2f} ln K (need <= {GATES['cls_over_ln_k']}): {verdict}"]
     return "\n".join(lines)
 
 

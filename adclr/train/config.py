@@ -20,7 +20,7 @@ VARIANTS = ("dino", "ibot")
 #: [CLS] loss sits at ln K for the whole run; a fixed 0.02 makes the teacher sharp from step one. No frozen last layer
 #: (an epoch is a large share of such a run), a teacher that follows faster, 4096 prototypes, a 1-epoch warm-up and a
 #: constant weight decay (DINO's 0.04 -> 0.4 ramp is laid out for hundreds of epochs). Known limit, measured in
-#: benchmarks/RESULTS.md: the teacher's rows flatten again after ~100 steps ([CLS] term back near 0.85 ln K by epoch 2),
+#: benchmarks/RESULTS.md: the teacher's rows flatten again from ~40 steps on ([CLS] term back at 0.87 ln K by step 123),
 #: with or without the decay ramp, and k-NN gains stay small at this budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(warmup_teacher_temp=0.02, teacher_temp=0.02, warmup_teacher_temp_epochs=0, freeze_last_layer=0,

@@ -248,5 +248,5 @@ class ADCLRLoss(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`)."""
-        return {f"{name}_{key}": value for name, term in (("cls", self.cls), ("query", self.query), ("patch", self.patch))
-                for key, value in term.stats.items()}
+        terms = {"cls": self.cls, "query": self.query, "patch": self.patch}
+        return {f"{name}_{key}": value for name, term in terms.items() for key, value in term.stats.items()}
