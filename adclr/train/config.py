@@ -50,6 +50,8 @@ class TrainConfig:
     bidirectional_ablation: bool = False   # image tokens read queries too: a known collapse route, ablation only
     # iBOT variant
     lambda_patch: float = 1.0
+    koleo_weight: float = field(default=0.0, metadata={
+        "help": "weight of DINOv2's KoLeo term on the student's global [CLS] embeddings (0: off; DINOv2 uses 0.1)"})
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     mask_probability: float = 0.5
     # multi-crop
@@ -95,6 +97,7 @@ class TrainConfig:
             (self.query_attends in QUERY_ATTENDS, f"query_attends must be one of {QUERY_ATTENDS}, got {self.query_attends!r}"),
             (self.query_pos in QUERY_POS, f"query_pos must be one of {QUERY_POS}, got {self.query_pos!r}"),
             (self.num_queries >= 0, f"num_queries must be >= 0, got {self.num_queries}"),
+            (self.koleo_weight >= 0, f"koleo_weight must be >= 0, got {self.koleo_weight}"),
             (self.local_crops >= 0, f"local_crops must be >= 0, got {self.local_crops}"),
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}"),

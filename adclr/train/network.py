@@ -30,14 +30,16 @@ class SSLNetwork(nn.Module):
                 bidirectional_ablation: bool = False, local_queries: bool = False,
                 patch_outputs: bool = False) -> dict[str, list[Tensor]]:
         """Head outputs per view: 'cls' for every view (globals first), 'query' (B, r, K) per view that carries queries,
-        'patch' (B, N, K) per global view when `patch_outputs`. `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT)."""
+        'patch' (B, N, K) per global view when `patch_outputs`; and 'embedding', the backbone's [CLS] (B, C) per global
+        view (for KoLeo). `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT)."""
         n_global = len(global_views)
         query_kw = dict(query_attends=query_attends, query_pos=query_pos, bidirectional_ablation=bidirectional_ablation)
         images = torch.cat(list(global_views))
         patch_mask = None if masks is None else torch.cat(list(masks))
         view_queries = None if queries is None else queries.repeat(n_global, 1, 1, 1, 1)
         tokens, query_tokens = self._tokens(images, view_queries, patch_mask=patch_mask, **query_kw)
-        out = {"cls": list(self.head(self.backbone.forward_head(tokens, pre_logits=True)).chunk(n_global)),
+        embedding = self.backbone.forward_head(tokens, pre_logits=True)
+        out = {"cls": list(self.head(embedding).chunk(n_global)), "embedding": list(embedding.chunk(n_global)),
                "query": [], "patch": []}
         if query_tokens is not None:
             out["query"] = list(self.head(query_tokens).chunk(n_global))

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidSettingError, NonFiniteLossError
 from .config import TrainConfig
+from .koleo import koleo_over_views
 from .losses import ADCLRLoss
 from .network import SSLNetwork
 
@@ -46,6 +47,7 @@ class TrainStep:
         self.student_ddp = student_ddp or student
         self.num_queries, self.query_attends, self.query_pos = cfg.num_queries, cfg.query_attends, cfg.query_pos
         self.bidirectional_ablation, self.local_queries = cfg.bidirectional_ablation, cfg.local_queries
+        self.koleo_weight = cfg.koleo_weight
         self.autocast_dtype, needs_scaler = resolve_precision(cfg, device)
         self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
@@ -68,6 +70,9 @@ class TrainStep:
             student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=self.local_queries,
                                        patch_outputs=masks is not None, **self._queries())
             terms = self.loss.from_outputs(student, teacher, teacher_temp, masks)
+            if self.koleo_weight:
+                terms["koleo"] = koleo_over_views(student["embedding"])
+                terms["loss"] = terms["loss"] + self.koleo_weight * terms["koleo"]
         loss = terms["loss"]
         finite = torch.isfinite(loss.detach()).float()
         if dist.is_initialized():
