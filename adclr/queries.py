@@ -5,10 +5,9 @@ Each query crop becomes one extra token made by the ViT's own patch embedding. Q
 query column, so the image stream is exactly ``vit.forward_features``. The plain timm model is used as
 is: no parameters, no wrappers, no hooks.
 
-Efficient form (`adclr.vit.block_with_masked_rows`): per block, norm1 + qkv run once over
-``[prefix + image + queries]``; the prefix/image rows go through the unmasked fused SDPA over their own keys (as timm
-computes them), and the ``r`` query rows are one small extra SDPA over all keys with an ``(r, T)`` boolean mask, the
-query rows of :func:`one_way_attention_mask`. Extra cost over ``forward_features`` is about ``r / N``.
+Form (`adclr.vit.block_with_mask`): per block, one fused SDPA over ``[prefix + image + queries]`` with the
+:func:`one_way_attention_mask`. Extra cost over ``forward_features`` is about ``r / N`` (the masked-out image-row x
+query-column entries included); splitting the query rows into an SDPA of their own measured slower (issue #11).
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from .errors import InvalidSettingError
-from .vit import block_with_masked_rows, check_standard_blocks, check_vit, pooled_patch_tokens, tokens_before_blocks
+from .vit import block_with_mask, check_standard_blocks, check_vit, pooled_patch_tokens, tokens_before_blocks
 
 QUERY_ATTENDS = ('self', 'all_queries', 'none')  # what a query row may read besides [CLS]+image columns
 QUERY_POS = ('none', 'cls')
@@ -99,12 +98,14 @@ def forward_with_queries(
     query_tokens = embed_queries(vit, queries, query_pos=query_pos)
     x = tokens_before_blocks(vit, images, extra=query_tokens, patch_mask=patch_mask, mask_token=mask_token)
     num_image = x.shape[1] - query_tokens.shape[1]
-    rows_mask = one_way_attention_mask(num_image, query_tokens.shape[1], query_attends, bidirectional_ablation,
-                                       device=x.device)[num_image:]
+    attn_mask = None  # no query: the blocks run unmasked, exactly as in forward_features
+    if query_tokens.shape[1]:
+        attn_mask = one_way_attention_mask(num_image, query_tokens.shape[1], query_attends, bidirectional_ablation,
+                                           device=x.device)
     for blk in vit.blocks:
         if vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block_with_masked_rows, blk, x, rows_mask, bidirectional_ablation, use_reentrant=False)
+            x = checkpoint(block_with_mask, blk, x, attn_mask, use_reentrant=False)
         else:
-            x = block_with_masked_rows(blk, x, rows_mask, bidirectional_ablation)
+            x = block_with_mask(blk, x, attn_mask)
     x = vit.norm(x)
     return x[:, :num_image], x[:, num_image:]

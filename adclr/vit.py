@@ -135,26 +135,23 @@ def _heads(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def block_with_masked_rows(blk: Block, x: Tensor, rows_mask: Tensor, first_rows_read_all: bool = False) -> Tensor:
-    """One standard ``Block`` where the last ``r`` rows attend under ``rows_mask`` (r, T) (True = may attend).
+def block_with_mask(blk: Block, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """One standard ``Block`` whose attention reads under ``attn_mask`` (T, T) (True = may attend; None = all).
 
-    The first ``T - r`` rows read only the first ``T - r`` columns (all ``T`` with ``first_rows_read_all``) through
-    one unmasked fused SDPA, as timm computes them; the ``r`` rows are one small extra SDPA over all keys.
+    ``Block.forward`` as timm computes it, the mask passed to its fused SDPA (timm 1.0.15, the oldest supported, takes
+    no mask). One SDPA over all rows computes the masked-out entries too, yet measured faster than splitting off the
+    masked rows into an SDPA of their own, whose slices, concatenation and partial gradients cost more than the few
+    extra columns (benchmarks/bench_train_step.py).
     """
-    x = x + blk.drop_path1(blk.ls1(_attention_with_masked_rows(blk.attn, blk.norm1(x), rows_mask, first_rows_read_all)))
+    x = x + blk.drop_path1(blk.ls1(_masked_attention(blk.attn, blk.norm1(x), attn_mask)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _attention_with_masked_rows(attn: Attention, x: Tensor, rows_mask: Tensor, first_rows_read_all: bool) -> Tensor:
-    num_first = x.shape[1] - rows_mask.shape[0]
+def _masked_attention(attn: Attention, x: Tensor, attn_mask: Tensor | None) -> Tensor:
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _heads(attn, x)
-    dropout_p = attn.attn_drop.p if attn.training else 0.
-    keys = slice(None) if first_rows_read_all else slice(0, num_first)
-    out = F.scaled_dot_product_attention(q[:, :, :num_first], k[:, :, keys], v[:, :, keys], dropout_p=dropout_p)
-    if rows_mask.shape[0]:
-        out_rows = F.scaled_dot_product_attention(q[:, :, num_first:], k, v, attn_mask=rows_mask, dropout_p=dropout_p)
-        out = torch.cat([out, out_rows], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.)
     out = attn.norm(rearrange(out, "b h t d -> b t (h d)"))
     if gate is not None:
         out = out * gate

@@ -10,8 +10,8 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 import adclr
-from adclr.vit import allow_any_input_size, any_input_size, check_standard_blocks, check_vit, fixed_input_size, \
-    pad_to_patch
+from adclr.vit import allow_any_input_size, any_input_size, block_with_mask, check_standard_blocks, check_vit, \
+    fixed_input_size, pad_to_patch
 
 INTERNALS = re.compile(r"\._pos_embed\(|strict_img_size|output_fmt|\.qkv\(|\.q_norm\(|patch_embed\.proj\(|"
                        r"\.patch_drop\(|\.norm_pre\(|\bFormat\.NHWC\b")
@@ -60,3 +60,17 @@ def test_checks_name_what_is_unsupported():
     with pytest.raises(TypeError, match=r"blocks\[0\] is ResPostBlock.*my reader"):
         check_standard_blocks(tiny_vit(block_fn=ResPostBlock).blocks, "my reader")
     check_standard_blocks(tiny_vit().blocks, "my reader")
+
+
+def test_block_with_mask_is_the_block_forward_and_applies_the_mask():
+    blk = tiny_vit().blocks[0]
+    x = torch.randn(2, 6, blk.norm1.normalized_shape[0])
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[:4, 4:] = False  # the first four rows ignore the last two columns
+    with torch.no_grad():
+        assert torch.equal(block_with_mask(blk, x, None), blk(x))
+        masked = block_with_mask(blk, x, mask)
+        torch.testing.assert_close(masked, blk(x, attn_mask=mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(masked[:, :4], blk(x[:, :4]), atol=1e-6, rtol=0)  # as if the columns were absent
+        torch.testing.assert_close(masked[:, 4:], blk(x)[:, 4:], atol=1e-6, rtol=0)
+        assert not torch.allclose(masked[:, :4], blk(x)[:, :4], atol=1e-3)
