@@ -5,6 +5,7 @@ figure belongs to that configuration alone and no allocator state carries over f
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -198,3 +199,23 @@ def start(device: str, threads: int | None) -> dict[str, Any]:
     info = machine_info(device)
     print_machine_info(info)
     return info
+
+
+@contextlib.contextmanager
+def tee_stdout(path: str | Path):
+    """Print as usual and also write everything printed to `path`: the text twin of a benchmark's JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as text:
+
+        class Tee:
+            def write(self, data: str) -> int:
+                text.write(data)
+                return sys.__stdout__.write(data)
+
+            def flush(self) -> None:
+                text.flush()
+                sys.__stdout__.flush()
+
+        with contextlib.redirect_stdout(Tee()):
+            yield

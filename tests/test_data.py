@@ -1,4 +1,4 @@
-"""Tests for adclr.train.data: multi-crop views, query crops, image-mode handling, the tolerant ImageFolder."""
+"""Tests for adclr.train.data: multi-crop views (float or uint8), query crops, image modes, the tolerant ImageFolder."""
 
 import io
 import random
@@ -13,7 +13,9 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from adclr.images import ImageFolder, to_rgb
-from adclr.train.data import MultiCropAugmentation, QueryCropSampler, collate_multicrop
+from adclr.train.data import (IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, QueryCropSampler, collate_multicrop,
+                              normalize_uint8, resized_crops)
+from adclr.train.photometric import DinoPhotometric
 
 SAMPLE_PHOTOS = {"astronaut": skdata.astronaut(), "coffee": skdata.coffee(), "chelsea": skdata.chelsea()}
 MEAN = (0.3, 0.5, 0.7)
@@ -408,3 +410,65 @@ def test_collate_multicrop_with_dataloader(tmp_path, num_local):
     assert torch.equal(regrouped["queries"], torch.stack([s["queries"] for s in samples]))
     with pytest.raises(ValueError, match="empty batch"):
         collate_multicrop([])
+
+
+# ---------------------------------------------------------------- uint8 pipeline: geometry and output
+
+
+def pil_resized_crop(photo: np.ndarray, top: int, left: int, height: int, width: int, size: int) -> np.ndarray:
+    """The box cut and resized by PIL (bicubic): the independent reference for a view's or a query's pixels."""
+    box = (left, top, left + width, top + height)
+    return np.asarray(Image.fromarray(photo).crop(box).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_PHOTOS))
+def test_resized_crops_are_pil_resizes_of_each_box(name):
+    photo = SAMPLE_PHOTOS[name]
+    places = [(0, 0, *photo.shape[:2]), (10, 20, 200, 250), (100, 100, 20, 30), (3, 3, 13, 11)]
+    for size in (8, 96, 224):
+        crops = resized_crops(torch.from_numpy(photo).permute(2, 0, 1), places, size)
+        assert crops.shape == (len(places), 3, size, size) and crops.dtype == torch.uint8
+        for crop, place in zip(crops, places):
+            difference = np.abs(crop.numpy().astype(int) - pil_resized_crop(photo, *place, size))
+            assert difference.max() <= 2 and difference.mean() < 0.5  # PIL rounds its two passes separately
+
+
+def test_views_are_the_drawn_boxes_cropped():
+    """With every photometric operation off, each view is PIL's resize of a box RandomResizedCrop draws, in the
+    documented order: query boxes, local boxes, local photometric, global boxes, global photometric."""
+    photo = SAMPLE_PHOTOS["coffee"]
+    aug = small_aug(global_size=48, local_size=24, num_local=3, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3))
+    aug.local_photometric = aug.global_photometric = DinoPhotometric(blur_p=0.0, flip_p=0.0, jitter_p=0.0,
+                                                                     grayscale_p=0.0)
+    seed_all(13)
+    out = aug(Image.fromarray(photo))
+    seed_all(13)
+    aug.query_sampler.sample_boxes(*photo.shape[:2])
+    pixels = torch.from_numpy(photo).permute(2, 0, 1)
+    drawn = {}
+    for kind, crop, count in (("local", aug.local_crop, 3), ("global", aug.global_crop, 2)):
+        drawn[kind] = [crop.make_params([pixels]) for _ in range(count)]
+        torch.rand(count, 14)  # that kind's photometric draws
+    for kind, size in (("local", 24), ("global", 48)):
+        assert len({tuple(box.values()) for box in drawn[kind]}) == len(drawn[kind])  # distinct boxes
+        for view, box in zip(out[kind], drawn[kind]):
+            expected = pil_resized_crop(photo, box["top"], box["left"], box["height"], box["width"], size)
+            normalised = normalize_uint8(torch.tensor(expected), IMAGENET_MEAN, IMAGENET_STD)
+            torch.testing.assert_close(view, normalised, atol=2 / 255 / min(IMAGENET_STD) + 1e-5, rtol=0)
+
+
+def test_uint8_output_is_the_float_output_before_normalisation():
+    image = Image.fromarray(SAMPLE_PHOTOS["astronaut"])
+    seed_all(14)
+    floats = small_aug(mean=MEAN, std=STD)(image)
+    seed_all(14)
+    raw = small_aug(mean=MEAN, std=STD, normalize=False)(image)
+    for key in ("global", "local", "queries"):
+        assert raw[key].dtype == torch.uint8 and raw[key].shape == floats[key].shape
+        # views are rounded to whole levels; query crops are whole levels before normalising in both
+        torch.testing.assert_close(normalize_uint8(raw[key], MEAN, STD), floats[key],
+                                   atol=0.5 / 255 / min(STD) + 1e-5, rtol=0)
+    batch = collate_multicrop([raw, raw])
+    assert batch["global"][0].dtype == torch.uint8 and batch["queries"].shape == (2, 3, 3, 8, 8)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_uint8(floats["global"], MEAN, STD)
