@@ -268,6 +268,9 @@ def add_features_args(p: argparse.ArgumentParser) -> None:
                         "(default: the model's input size as the shorter side)")
     p.add_argument("--format", choices=("npz", "safetensors"), default="npz")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="compute precision: fp32 (default) or bf16 / fp16 under autocast (GPU; on a CPU slower unless "
+                        "it has bf16/fp16 instructions); the files hold float32 either way")
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -284,7 +287,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         size = resolve_model_data_config(model)["input_size"][-1]
     else:
         size = None if args.size == "native" else args.size
-    failed = write_features(model, args.images, args.out, layers=args.layers, size=size, format=args.format)
+    failed = write_features(model, args.images, args.out, layers=args.layers, size=size, format=args.format,
+                            dtype=args.dtype)
     for path, error in failed.items():
         print(f"adclr features: skipped {path}: {error}", file=sys.stderr)
     print(f"wrote features of {len(args.images) - len(failed)} of {len(args.images)} images to {args.out}")

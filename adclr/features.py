@@ -42,6 +42,8 @@ from .vit import any_input_size, check_standard_blocks, check_vit, first_row_att
 #: The small ViT shipped with the package (depth 6, width 192, patch 8, 64 px, trained on Fashion-MNIST scenes).
 DEMO_MODEL = "adclr_vit_mini_patch8.demo"
 FORMATS = ("npz", "safetensors")
+#: Compute precisions of `extract_features`: fp32 runs the model as it is, bf16 / fp16 run it under torch.autocast.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 ImageLike = Image.Image | str | os.PathLike
 Size = int | tuple[int, int] | None
@@ -50,13 +52,28 @@ Size = int | tuple[int, int] | None
 # ---------------------------------------------------------------- model state
 
 
+def compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' (or torch.float32 / bfloat16 / float16) -> the torch dtype; anything else is named."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidSettingError(f"dtype={dtype!r} is not a compute precision; use one of {', '.join(DTYPES)} "
+                              "(or torch.float32 / torch.bfloat16 / torch.float16)")
+
+
 @contextmanager
-def _inference(model: VisionTransformer) -> Iterator[VisionTransformer]:
-    """Eval mode, no autograd and any input size; the train/eval mode is restored afterwards."""
+def _inference(model: VisionTransformer, dtype: torch.dtype = torch.float32) -> Iterator[VisionTransformer]:
+    """Eval mode, no autograd, any input size and, for bf16 / fp16, autocast; the train/eval mode is restored after.
+
+    Autocast rather than a cast model: the caller's weights stay as they are, and the precision-sensitive ops (layer
+    norms, softmax) keep fp32 while the matmuls (and on CUDA the fused attention) run in the half type.
+    """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device.type
     try:
-        with torch.no_grad(), any_input_size(model):
+        with torch.no_grad(), any_input_size(model), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             yield model
     finally:
         model.train(was_training)
@@ -145,7 +162,8 @@ def _forward(model: VisionTransformer, x: Tensor, layers: Sequence[int] | None, 
 
 def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[ImageLike], *,
                      layers: Sequence[int] | None = None, norm: bool = True, size: Size = None,
-                     batch_size: int = 32) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+                     batch_size: int = 32, dtype: str | torch.dtype = "fp32",
+                     out_dtype: torch.dtype | None = torch.float32) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """Patch features of any images: ``{'cls': (B, C), 'patch': (B, C, h, w), 'layer<i>': (B, C, h, w)...}``.
 
     ``images``: a normalised float batch (B, 3, H, W) or (3, H, W), one PIL image or path, or a list of PIL images /
@@ -155,20 +173,28 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
     are in the module docstring. ``cls`` is the model's pooled embedding (the [CLS] token after the final norm for
     ADCLR/DINO ViTs) and ``patch`` the last block's patch tokens after the final norm. ``layers``: block indices
     (0-based, negative from the end) whose patch maps to add as ``layer<i>`` (i non-negative), through timm's
-    ``forward_intermediates``; ``norm`` applies the final norm to them. Outputs stay on the model's device and dtype.
+    ``forward_intermediates``; ``norm`` applies the final norm to them. ``dtype``: the compute precision, 'fp32' (the
+    model as it is), 'bf16' or 'fp16' (under torch.autocast on the model's device; on a CPU without bf16/fp16
+    instructions they run, but slower than fp32). Outputs stay on the model's device, as ``out_dtype`` (default
+    float32; None: as computed).
     """
     vit = check_vit(model)
+    precision = compute_dtype(dtype)
     if batch_size < 1:
         raise InvalidSettingError(f"batch_size={batch_size} must be >= 1")
+
+    def converted(out: dict[str, Tensor]) -> dict[str, Tensor]:
+        return out if out_dtype is None else {key: value.to(out_dtype) for key, value in out.items()}
+
     if isinstance(images, Tensor) or not isinstance(images, Sequence) or isinstance(images, str):
         batch = images if isinstance(images, Tensor) and images.ndim == 4 else _normalised(vit, images)
         if batch.shape[1] != 3 or not batch.is_floating_point() or not len(batch):
             raise InvalidSettingError(f"an image batch must be normalised float (B >= 1, 3, H, W), got {batch.dtype} "
                                       f"{tuple(batch.shape)}")
-        with _inference(vit):
+        with _inference(vit, precision):
             outputs = [_forward(vit, _padded(vit, part), layers, norm)
                        for part in _resized(vit, batch, size).split(batch_size)]
-        return {key: torch.cat([out[key] for out in outputs]) for key in outputs[0]}
+        return converted({key: torch.cat([out[key] for out in outputs]) for key in outputs[0]})
     inputs = [_resized(vit, _normalised(vit, image), size) for image in images]
     if not inputs:
         raise InvalidSettingError("no images given; pass at least one PIL image, path or tensor")
@@ -176,11 +202,11 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
     for i, x in enumerate(inputs):
         by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
     results: list[dict[str, Tensor]] = [{} for _ in inputs]
-    with _inference(vit):
+    with _inference(vit, precision):
         for members in by_size.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                out = _forward(vit, _padded(vit, torch.cat([inputs[i] for i in chunk])), layers, norm)
+                out = converted(_forward(vit, _padded(vit, torch.cat([inputs[i] for i in chunk])), layers, norm))
                 for row, i in enumerate(chunk):
                     results[i] = {key: value[row:row + 1] for key, value in out.items()}
     return results
@@ -288,12 +314,14 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 def write_features(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                    layers: Sequence[int] | None = None, size: Size = None, format: str = "npz",
-                   progress: bool = True) -> dict[str, str]:
+                   dtype: str | torch.dtype = "fp32", progress: bool = True) -> dict[str, str]:
     """Per image file: ``<stem>.npz`` / ``.safetensors`` and ``<stem>_pca.png`` in ``out_dir``; -> {path: error}.
 
     Files hold ``cls`` (C,), ``patch`` (C, h, w), ``layer<i>`` (C, h, w) and ``input_size`` (H, W), the resized input
-    the grid covers. Unreadable images are skipped and returned with their error; repeated stems get ``_2``, ``_3``.
+    the grid covers, all float32 whatever the compute ``dtype`` (as for `extract_features`). Unreadable images are
+    skipped and returned with their error; repeated stems get ``_2``, ``_3``.
     """
+    compute_dtype(dtype)  # a bad name fails before any file is read
     if format not in FORMATS:
         raise InvalidSettingError(f"format={format!r} is not supported; use one of {FORMATS}")
     out_dir = Path(out_dir)
@@ -308,7 +336,7 @@ def write_features(model: nn.Module, paths: Sequence[str | os.PathLike], out_dir
             continue
         height, width = _target_size(image.height, image.width, size)
         features = {key: value[0] for key, value in
-                    extract_features(model, image, layers=layers, size=size).items()}
+                    extract_features(model, image, layers=layers, size=size, dtype=dtype).items()}
         features["input_size"] = torch.tensor([height, width])
         stem = _unique_stem(path, used)
         save_features(features, out_dir / f"{stem}.{format}")

@@ -193,6 +193,39 @@ def test_bad_inputs_are_named(vit):
         extract_features(vit, "/nonexistent/image.png")
 
 
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each token (channel dim 1) between two feature maps or [CLS] batches."""
+    return F.cosine_similarity(a.float(), b.float(), dim=1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", torch.bfloat16, "fp16"])
+def test_half_precision_features_are_float32_and_close_to_fp32(vit, dtype):
+    images = [photo(40, 40), photo(30, 53, "chelsea")]
+    weights = {k: v.clone() for k, v in vit.state_dict().items()}
+    reference = extract_features(vit, images, layers=[0])
+    half = extract_features(vit, images, layers=[0], dtype=dtype)
+    for ref, out in zip(reference, half):
+        assert set(out) == set(ref)
+        for key in ref:
+            assert out[key].shape == ref[key].shape and out[key].dtype == torch.float32
+            assert token_cosine(out[key], ref[key]).min() > 0.99
+            assert not torch.equal(out[key], ref[key])  # it did run in half precision
+    batch = torch.stack([normalise(photo(32, 48), vit)])
+    kept = extract_features(vit, batch, dtype="bf16", out_dtype=None)
+    assert token_cosine(kept["patch"], extract_features(vit, batch)["patch"]).min() > 0.99
+    assert extract_features(vit, batch, dtype="bf16", out_dtype=torch.bfloat16)["cls"].dtype == torch.bfloat16
+    # autocast, not a cast model: the weights and their dtype are untouched
+    assert all(torch.equal(v, weights[k]) and v.dtype == torch.float32 for k, v in vit.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", ["float8", "half", torch.int8])
+def test_unknown_dtype_is_named(vit, dtype, tmp_path):
+    with pytest.raises(ValueError, match="not a compute precision; use one of fp32, bf16, fp16"):
+        extract_features(vit, photo(16, 16), dtype=dtype)
+    with pytest.raises(ValueError, match="compute precision"):
+        write_features(vit, [tmp_path / "never_read.png"], tmp_path, dtype=dtype, progress=False)
+
+
 # ---------------------------------------------------------------- pca_image
 
 
@@ -504,3 +537,17 @@ def test_cli_demo(exported, samples, tmp_path):
     assert main(["demo", "--out", str(tmp_path / "d"), "--model", f"local-dir:{exported}",
                  "--samples", str(samples)]) == 0
     assert (tmp_path / "d" / "overview.png").is_file() and (tmp_path / "d" / "report.md").is_file()
+
+
+def test_cli_features_dtype_bf16_writes_float32_close_to_fp32(exported, samples, tmp_path):
+    from adclr.cli import main
+
+    for dtype in ("fp32", "bf16"):
+        code = main(["features", str(samples / "wide.png"), "--model", f"local-dir:{exported}",
+                     "--out", str(tmp_path / dtype), "--dtype", dtype])
+        assert code == 0
+    full, half = (np.load(tmp_path / dtype / "wide.npz") for dtype in ("fp32", "bf16"))
+    for key in ("cls", "patch"):
+        assert half[key].dtype == np.float32 and half[key].shape == full[key].shape
+        cosine = token_cosine(torch.from_numpy(half[key]).unsqueeze(0), torch.from_numpy(full[key]).unsqueeze(0))
+        assert cosine.min() > 0.99
