@@ -116,6 +116,50 @@ def test_query_loss_with_queries_on_local_crops_too():
     assert abs(loss.item() - ref_query(student, teacher, torch.zeros(1, K, dtype=torch.float64), 0.04).item()) < 1e-6
 
 
+def plain_cross_view_ce(student, teacher, center, t_temp):
+    """The per-pair formula, float64: mean over pairs a != b of the rows' mean of -q_a . log_softmax(s_b / T_s)."""
+    q = [torch.softmax((t.double() - center) / t_temp, -1) for t in teacher]
+    log_p = [torch.log_softmax(s.double() / S_T, -1) for s in student]
+    pairs = [-(q[a] * log_p[b]).sum(-1).mean() for a in range(len(q)) for b in range(len(log_p)) if a != b]
+    return sum(pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("views, k", [(2, 65536), (5, 256)])  # DINO's prototype count; queries on 3 local crops too
+def test_query_loss_and_its_gradient_in_fp32_match_the_per_pair_formula(views, k):
+    torch.manual_seed(10)
+    loss_fn = QueryLoss(k)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.05)
+    center = loss_fn.center.double().clone()
+    # cosine-sized logits, as the head gives; the teacher sharp enough that some probabilities underflow
+    student = [(torch.randn(2, 10, k) * 0.3).requires_grad_() for _ in range(views)]
+    teacher = [torch.randn(2, 10, k) * 0.3 for _ in range(2)]
+    reference_student = [s.detach().double().requires_grad_() for s in student]
+    loss = loss_fn(student, teacher, 0.04)
+    expected = plain_cross_view_ce(reference_student, teacher, center, 0.04)
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-5
+    loss.backward()
+    expected.backward()
+    for got, ref in zip(student, reference_student):
+        assert (got.grad.double() - ref.grad).abs().max() < 1e-5 * ref.grad.abs().max()
+
+
+def test_query_loss_on_bf16_logits_as_under_autocast():
+    torch.manual_seed(11)
+    student = [(torch.randn(2, 3, K) * 0.3).bfloat16().requires_grad_() for _ in range(2)]
+    teacher = [(torch.randn(2, 3, K) * 0.3).bfloat16() for _ in range(2)]
+    loss = QueryLoss(K)(student, teacher, 0.04)
+    assert loss.dtype == torch.float32  # softmaxes in fp32, as autocast runs them
+    # the division by the temperature happens in bf16 (as it does in the network's dtype), the softmax in fp32
+    reference_student = [(s.detach() / S_T).double().mul(S_T).requires_grad_() for s in student]
+    expected = plain_cross_view_ce(reference_student, teacher, torch.zeros(1, K, dtype=torch.float64), 0.04)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    loss.backward()
+    expected.backward()
+    for got, ref in zip(student, reference_student):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-2 * ref.grad.abs().max().item(), rtol=0)
+
+
 def test_query_loss_with_zero_queries_is_a_differentiable_zero_and_keeps_center():
     loss_fn = QueryLoss(K)
     student = [torch.randn(3, 0, K, requires_grad=True) for _ in range(2)]

@@ -30,7 +30,7 @@ from .checkpoint import CHECKPOINT_NAME, capture_rng, remove_stale_temporaries, 
 from .config import TrainConfig
 from .data import MultiCropAugmentation, collate_multicrop
 from .heads import cancel_last_layer_gradients
-from .diagnostics import REMEDIES, collapse_state
+from .diagnostics import REMEDIES, collapse_state, read_back
 from .losses import ADCLRLoss
 from .metrics_log import append_record, keep_completed_epochs
 from .ibot_masks import GlobalViewMasks
@@ -229,7 +229,7 @@ class Trainer:
             self.optimizer.step()
         self.step_fn.update_teacher(float(self.momentum[s]))
         self.step += 1
-        return {k: float(v.detach()) for k, v in terms.items()} | self.loss.stats() | {
+        return read_back(terms | self.loss.stats()) | {
             "lr": float(self.lr[s]), "wd": float(self.wd[s]), "momentum": float(self.momentum[s]),
             "teacher_temp": float(self.teacher_temp[s])}
 

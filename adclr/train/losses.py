@@ -7,6 +7,7 @@ teacher outputs' mean over all processes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .diagnostics import teacher_stats
+from .diagnostics import dot, teacher_stats
 
 
 class _CenteredDistillation(nn.Module):
@@ -28,12 +29,18 @@ class _CenteredDistillation(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`); empty before the first.
-        self.stats: dict[str, float] = {}
+        #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`, 0-dim tensors); empty before the first.
+        self.stats: dict[str, torch.Tensor] = {}
 
-    def teacher_probs(self, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Centered, sharpened teacher distribution; never a gradient path."""
-        return F.softmax((teacher.detach() - self.center) / teacher_temp, dim=-1)
+    def teacher_distribution(self, teacher: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, log-probabilities) of the centered, sharpened teacher; never a gradient path.
+
+        Both, because the loss reads the probabilities and the diagnostics' entropy the log-probabilities: a second
+        softmax pass instead of a clamp, a log and a product over every full-size teacher row. Not `log_probs.exp()`:
+        a sharp teacher's log-probabilities underflow to subnormals there, which makes that exp several times slower.
+        """
+        logits = (teacher.detach() - self.center).div_(teacher_temp)
+        return F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
 
     def student_log_probs(self, student: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(student / self.student_temp, dim=-1)
@@ -46,8 +53,9 @@ class _CenteredDistillation(nn.Module):
         exact global mean; with no rows anywhere (e.g. r = 0 queries) the center is left unchanged.
         """
         tensors = [teacher_out] if isinstance(teacher_out, torch.Tensor) else list(teacher_out)
-        rows = torch.cat([t.detach().reshape(-1, self.out_dim).to(self.center.dtype) for t in tensors])
-        stats = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])
+        rows = [t.detach().reshape(-1, self.out_dim) for t in tensors]  # summed view by view: no copy of all rows
+        total = torch.stack([r.sum(0, dtype=self.center.dtype) for r in rows]).sum(0)
+        stats = torch.cat([total, total.new_tensor([sum(r.shape[0] for r in rows)])])
         if dist.is_initialized():
             dist.all_reduce(stats)
         total, count = stats[:-1], stats[-1]
@@ -65,23 +73,62 @@ class _CenteredDistillation(nn.Module):
                 )
 
 
-def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequence[torch.Tensor],
+                   student_temp: float) -> torch.Tensor:
     """Cross-entropy averaged over rows and over all (teacher view a, student view b) pairs with a != b.
 
-    Views are indexed alike in both lists: the teacher's views are the first student views (the globals).
+    Views are indexed alike in both lists: the teacher's views are the first student views (the globals). Every view
+    has the same rows. Each student view is read once, against the sum of the teacher views it is paired with
+    (sum over pairs of q_a . logp_b = sum_b (sum_{a != b} q_a) . logp_b): the work grows with the number of views, not
+    pairs, and no full-size product is materialised.
     """
-    terms = [
-        -(q * logp).sum(-1).mean()
-        for a, q in enumerate(teacher_probs)
-        for b, logp in enumerate(student_log_probs)
-        if a != b
-    ]
-    if not terms:
+    num_teacher = len(teacher_probs)
+    pairs = num_teacher * len(student_logits) - min(num_teacher, len(student_logits))
+    if not pairs:
         raise ValueError(
-            f"no cross-view pair between {len(teacher_probs)} teacher view(s) and {len(student_log_probs)} student "
+            f"no cross-view pair between {num_teacher} teacher view(s) and {len(student_logits)} student "
             "view(s); pass at least two views (e.g. the 2 global views to both networks)."
         )
-    return torch.stack(terms).mean()
+    with torch.no_grad():  # teacher side only: the sums a student view is paired with
+        all_teacher = _sum(teacher_probs) if len(student_logits) > num_teacher else None
+        paired = [_sum([q for a, q in enumerate(teacher_probs) if a != b]) if b < num_teacher else all_teacher
+                  for b in range(len(student_logits))]
+    rows = student_logits[0].numel() // student_logits[0].shape[-1]
+    total = sum(_SoftmaxCrossEntropy.apply(s, q, student_temp) for q, s in zip(paired, student_logits) if q is not None)
+    return total / (rows * pairs)
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """``-targets . log_softmax(logits / temp)`` summed over all rows, with a backward that keeps no log-probabilities.
+
+    Autograd through log_softmax would save the full-size log-probabilities and build three full-size gradients in
+    turn (of the product, of log_softmax, of the division). Here the backward recomputes the softmax from the logits,
+    which the network's output dict holds anyway, into one buffer and finishes the gradient in place:
+    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. Softmaxes run in fp32 at least, as
+    under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        ctx.temp = temp
+        return -dot(targets, F.log_softmax(logits / temp, dim=-1, dtype=_at_least_fp32(logits)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, targets = ctx.saved_tensors
+        grad_logits = F.softmax(logits / ctx.temp, dim=-1, dtype=_at_least_fp32(logits))
+        grad_logits.mul_(targets.sum(-1, keepdim=True)).sub_(targets).mul_(grad / ctx.temp)
+        return grad_logits.to(logits.dtype), None, None
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Elementwise sum; the tensor itself (no copy) when there is one, None when there is none."""
+    return functools.reduce(torch.add, tensors) if tensors else None
 
 
 class DINOClsLoss(_CenteredDistillation):
@@ -93,9 +140,9 @@ class DINOClsLoss(_CenteredDistillation):
         """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
-        probs = [self.teacher_probs(t, teacher_temp) for t in teacher_out]
-        loss = _cross_view_ce(probs, [self.student_log_probs(s) for s in student_out])
-        self.stats = teacher_stats(probs, loss)
+        probs, log_probs = zip(*[self.teacher_distribution(t, teacher_temp) for t in teacher_out])
+        loss = _cross_view_ce(probs, student_out, self.student_temp)
+        self.stats = teacher_stats(probs, log_probs, loss)
         self.update_center(teacher_out)
         return loss
 
@@ -122,9 +169,9 @@ class QueryLoss(_CenteredDistillation):
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
             self.stats = {}
         else:
-            probs = [self.teacher_probs(t, teacher_temp) for t in teacher_q]
-            loss = _cross_view_ce(probs, [self.student_log_probs(s) for s in student_q])
-            self.stats = teacher_stats(probs, loss)
+            probs, log_probs = zip(*[self.teacher_distribution(t, teacher_temp) for t in teacher_q])
+            loss = _cross_view_ce(probs, student_q, self.student_temp)
+            self.stats = teacher_stats(probs, log_probs, loss)
         self.update_center(teacher_q)
         return loss
 
@@ -153,7 +200,7 @@ class IBOTPatchLoss(_CenteredDistillation):
                 f"IBOTPatchLoss: got {len(student_patches)} student, {len(teacher_patches)} teacher and {len(masks)} "
                 "mask entries; pass one of each per global view."
             )
-        per_view, probs, ce_rows = [], [], []
+        per_view, probs, log_probs, ce_rows = [], [], [], []
         for s, t, m in zip(student_patches, teacher_patches, masks):
             if s.shape != t.shape or m.shape != s.shape[:2] or m.dtype != torch.bool:
                 raise ValueError(
@@ -161,14 +208,16 @@ class IBOTPatchLoss(_CenteredDistillation):
                     f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
                 )
             # Only masked positions are scored, so softmaxes are computed for those rows alone.
-            p = self.teacher_probs(t[m], teacher_temp)
+            p, log_p = self.teacher_distribution(t[m], teacher_temp)
             ce = -(p * self.student_log_probs(s[m])).sum(-1)
             probs.append(p)
+            log_probs.append(log_p)
             ce_rows.append(ce)
             weight = (1.0 / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
             per_view.append((ce * weight).sum() / m.shape[0])
         # Diagnostics over the scored rows, unweighted: their KL is the rows' mean cross-entropy minus entropy.
-        self.stats = teacher_stats(probs, torch.cat(ce_rows).mean()) if sum(len(c) for c in ce_rows) else {}
+        scored = sum(len(c) for c in ce_rows)
+        self.stats = teacher_stats(probs, log_probs, torch.cat(ce_rows).mean()) if scored else {}
         self.update_center(teacher_patches)
         return torch.stack(per_view).mean()
 
@@ -246,7 +295,8 @@ class ADCLRLoss(nn.Module):
                     student["query"] if with_q else None, teacher["query"] if with_q else None,
                     student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None)
 
-    def stats(self) -> dict[str, float]:
-        """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`)."""
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`), as
+        0-dim tensors on the loss's device: `diagnostics.read_back` turns them into floats with one host sync."""
         terms = {"cls": self.cls, "query": self.query, "patch": self.patch}
         return {f"{name}_{key}": value for name, term in terms.items() for key, value in term.stats.items()}
