@@ -1,10 +1,13 @@
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
+from adclr.queries import forward_with_queries
 from adclr.train.heads import DINOHead, cancel_last_layer_gradients
+from adclr.train.network import SSLNetwork
 
 IN, HID, BOT, OUT = 48, 32, 16, 64
 
@@ -98,3 +101,38 @@ def test_deepcopy_gives_identical_teacher_with_parametrization():
 def test_bad_nlayers_is_rejected():
     with pytest.raises(ValueError, match="nlayers"):
         DINOHead(IN, nlayers=0)
+
+
+def test_network_computes_the_last_layer_weight_once_per_forward_with_unchanged_outputs_and_gradients():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=IN, num_heads=3, depth=1,
+                            num_classes=0, dynamic_img_size=True)
+    net = SSLNetwork(vit, _head())
+    views = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    local = torch.randn(2, 3, 16, 16)
+    queries = torch.randn(2, 3, 3, 8, 8)
+    weight_norms = []
+    net.head.last_layer.parametrizations.weight[0].register_forward_hook(lambda *_: weight_norms.append(1))
+    out = net(views, queries, [local], local_queries=True)
+    assert len(weight_norms) == 1  # shared by the global [CLS], query, local [CLS] and local query rows
+
+    # Reference: each head use on its own (outside the network's forward, so each computes its own weight).
+    tokens, query_tokens = forward_with_queries(vit, torch.cat(views), queries.repeat(2, 1, 1, 1, 1))
+    local_tokens, local_query_tokens = forward_with_queries(vit, local, queries)
+    expected = {"cls": [net.head(vit.forward_head(tokens, pre_logits=True)),
+                        net.head(vit.forward_head(local_tokens, pre_logits=True))],
+                "query": [net.head(query_tokens), net.head(local_query_tokens)]}
+    assert len(weight_norms) == 5
+    got = {"cls": torch.cat(out["cls"]), "query": torch.cat(out["query"])}
+    expected = {name: torch.cat(parts) for name, parts in expected.items()}
+    gradients = []
+    for outputs in (got, expected):
+        torch.manual_seed(1)
+        sum((torch.randn_like(o) * o).sum() for o in outputs.values()).backward()
+        gradients.append({n: p.grad.clone() for n, p in net.head.named_parameters() if p.grad is not None})
+        net.zero_grad(set_to_none=True)
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 2
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(grad, gradients[1][name], atol=1e-6, rtol=1e-5)

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..load import create_vit
 from .heads import DINOHead
@@ -31,7 +32,18 @@ class SSLNetwork(nn.Module):
                 patch_outputs: bool = False) -> dict[str, list[Tensor]]:
         """Head outputs per view: 'cls' for every view (globals first), 'query' (B, r, K) per view that carries queries,
         'patch' (B, N, K) per global view when `patch_outputs`; and 'embedding', the backbone's [CLS] (B, C) per global
-        view (for KoLeo). `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT)."""
+        view (for KoLeo). `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT).
+
+        The head's weight-normed last layer (65536 x 256 at DINO's size) is computed once per call and shared by every
+        head use ([CLS], queries, patches, local crops), and so is its backward: not once per use."""
+        with parametrize.cached():
+            return self._forward(global_views, queries, local_views, masks=masks, query_attends=query_attends,
+                                 query_pos=query_pos, bidirectional_ablation=bidirectional_ablation,
+                                 local_queries=local_queries, patch_outputs=patch_outputs)
+
+    def _forward(self, global_views: Sequence[Tensor], queries: Tensor | None, local_views: Sequence[Tensor], *,
+                 masks: Sequence[Tensor] | None, query_attends: str, query_pos: str, bidirectional_ablation: bool,
+                 local_queries: bool, patch_outputs: bool) -> dict[str, list[Tensor]]:
         n_global = len(global_views)
         query_kw = dict(query_attends=query_attends, query_pos=query_pos, bidirectional_ablation=bidirectional_ablation)
         images = torch.cat(list(global_views))
