@@ -29,7 +29,8 @@ class _CenteredDistillation(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`, 0-dim tensors); empty before the first.
+        #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`, 0-dim tensors); empty before the
+        #: first.
         self.stats: dict[str, torch.Tensor] = {}
 
     def teacher_distribution(self, teacher: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
