@@ -32,7 +32,7 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from adclr.images import ImageFolder
-from adclr.scenes import fashion_scenes
+from adclr.scenes import DEFAULT_ROOT, fashion_scenes
 from adclr.train.data import MultiCropAugmentation, collate_multicrop
 from _common import start, table, tee_stdout, write_json
 
@@ -60,9 +60,9 @@ def write_photos(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def write_scenes(root: Path, count: int) -> Path:
+def write_scenes(root: Path, count: int, fashion_mnist: str | Path = DEFAULT_ROOT) -> Path:
     """The study's pretraining images: 64 px PNG scenes."""
-    images, _ = fashion_scenes("train", count)
+    images, _ = fashion_scenes("train", count, root=fashion_mnist)
     for i, image in enumerate(images):
         Image.fromarray(image).save(root / f"{i:04d}.png")
     return root
@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as in DataLoader workers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/cpu", help="folder for data.json and data.txt")
+    parser.add_argument("--fashion-mnist", default=str(DEFAULT_ROOT), metavar="DIR",
+                        help=f"Fashion-MNIST idx .gz files for the study scenes (default: {DEFAULT_ROOT})")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 / 32 images, batch 4, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -108,7 +110,10 @@ def main(args: argparse.Namespace) -> int:
                 count = args.images[list(RECIPES).index(recipe)]
                 root = Path(tmp) / recipe
                 root.mkdir()
-                (write_photos if recipe == "imagenet" else write_scenes)(root, count)
+                if recipe == "imagenet":
+                    write_photos(root, count)
+                else:
+                    write_scenes(root, count, args.fashion_mnist)
                 augmentations = {name: MultiCropAugmentation(**RECIPES[recipe], normalize=normalize)
                                  for name, normalize in OUTPUTS.items()}
                 torch.manual_seed(args.seed)

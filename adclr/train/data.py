@@ -149,7 +149,8 @@ class MultiCropAugmentation:
     Views follow DINO: random resized crop (bicubic), flip, colour jitter (p=0.8), grayscale (p=0.2),
     Gaussian blur with p=1.0 / 0.1 / 0.5 for global 1 / global 2 / locals, solarize (p=0.2) on global 2
     (`photometric.DinoPhotometric`). Query crops come from the unaugmented image, normalised with the same
-    mean/std. ``normalize=False``: every output is uint8 instead, for `normalize_uint8` on the trainer's device.
+    mean/std; ``query_photometric`` gets each as a uint8 (3, q, q) tensor. ``normalize=False``: every output is uint8
+    instead, for `normalize_uint8` on the trainer's device.
     Draws, in this order: query boxes, local boxes, local photometric, global boxes, global photometric.
     """
 
@@ -174,8 +175,8 @@ class MultiCropAugmentation:
         self.mean, self.std, self.normalize = tuple(mean), tuple(std), normalize
 
         def crop(size: int, scale: Sequence[float], name: str) -> v2.RandomResizedCrop:
-            scale = _check_interval(name, scale, 0.0, 1.0)
-            return v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            """torchvision's transform for its box draws only (`_crops` resizes): area in ``scale``, aspect 3/4-4/3."""
+            return v2.RandomResizedCrop(size, scale=_check_interval(name, scale, 0.0, 1.0))
 
         self.global_crop = crop(global_size, global_scale, "global_scale")
         self.local_crop = crop(local_size, local_scale, "local_scale")
