@@ -86,7 +86,8 @@ def gaussian_blur(views: Tensor, sigma: Tensor, kernel_size: int = 13) -> Tensor
     if min(height, width) <= kernel_size // 2:
         raise InvalidSettingError(f"cannot blur {height}x{width} px views with a {kernel_size}-tap kernel (reflected "
                                   f"border); use views of at least {kernel_size // 2 + 1} px")
-    return banded(height) @ views @ banded(width).transpose(-1, -2)
+    rows = banded(height)
+    return rows @ views @ (rows if width == height else banded(width)).transpose(-1, -2)
 
 
 def solarize(views: Tensor) -> Tensor:
@@ -134,11 +135,14 @@ class DinoPhotometric:
 
         views = _apply_to(views.clone(), flip, lambda x, _: x.flip(-1))
         for step in range(4):
-            operation = {v: order[step] for v, order in enumerate(orders) if order}
-            blended = [v for v, op in operation.items() if op != HUE]
-            views = _apply_to(views, blended, lambda x, chosen: blend(x, torch.tensor(
-                [factors[v][operation[v]] for v in chosen]), torch.tensor([operation[v] for v in chosen])))
-            hued = [v for v, op in operation.items() if op == HUE]
+            operation = [order[step] if order else None for order in orders]
+            blended = [v for v, op in enumerate(operation) if op not in (None, HUE)]
+            if blended:  # one pass over every view, f = 1 (an exact no-op) for the others: cheaper than indexing
+                factor, kind = [1.0] * n, [BRIGHTNESS] * n
+                for v in blended:
+                    factor[v], kind[v] = factors[v][operation[v]], operation[v]
+                views = blend(views, torch.tensor(factor), torch.tensor(kind))
+            hued = [v for v, op in enumerate(operation) if op == HUE]
             views = _apply_to(views, hued, lambda x, chosen: adjust_hue(
                 x, torch.tensor([factors[v][HUE] for v in chosen])))
         views = _apply_to(views, gray, lambda x, _: grayscale(x).repeat(1, 3, 1, 1))
