@@ -75,3 +75,18 @@ def test_masks_come_from_the_collate_with_the_view_grid():
     assert len(masks) == 2 and all(m.shape == (8, 24) and m.dtype == torch.bool for m in masks)
     never = GlobalViewMasks((4, 6), (0.2, 0.4), probability=0.0)(8)
     assert not any(m.any() for m in never)
+
+
+def test_uint8_views_are_normalised_on_the_device_like_float_views_normalised_by_hand():
+    g = torch.Generator().manual_seed(2)
+    raw = {"global": [torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(2)],
+           "local": [torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8) for _ in range(2)],
+           "queries": torch.randint(0, 256, (2, 3, 3, 8, 8), generator=g, dtype=torch.uint8)}
+
+    def by_hand(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255 - 0.5) / 0.5  # timm's test_vit: mean = std = 0.5 per channel
+
+    floats = {k: [by_hand(t) for t in v] if isinstance(v, list) else by_hand(v) for k, v in raw.items()}
+    from_uint8 = make_step().forward_backward(raw, teacher_temp=0.04)
+    from_float = make_step().forward_backward(floats, teacher_temp=0.04)
+    assert all(torch.allclose(from_uint8[k], from_float[k], atol=1e-5) for k in ("loss", "cls", "query"))

@@ -139,7 +139,8 @@ class Trainer:
         transform = MultiCropAugmentation(
             global_size=cfg.img_size, local_size=cfg.local_size, num_local=cfg.local_crops,
             global_scale=cfg.global_scale, local_scale=cfg.local_scale, mean=data_cfg["mean"], std=data_cfg["std"],
-            num_queries=cfg.num_queries, query_size=cfg.query_size or patch, query_scale=cfg.query_scale)
+            num_queries=cfg.num_queries, query_size=cfg.query_size or patch, query_scale=cfg.query_scale,
+            normalize=False)  # uint8 views; TrainStep normalises them on the device
         dataset = ImageFolder(cfg.data, transform=transform)
         dropped = dataset.verify()
         if dropped and self.is_main:

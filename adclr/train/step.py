@@ -9,10 +9,12 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from ..errors import InvalidSettingError, NonFiniteLossError
 from .config import TrainConfig
+from .data import normalize_uint8
 from .koleo import koleo_over_views
 from .losses import ADCLRLoss
 from .network import SSLNetwork
@@ -48,6 +50,8 @@ class TrainStep:
         self.num_queries, self.query_attends, self.query_pos = cfg.num_queries, cfg.query_attends, cfg.query_pos
         self.bidirectional_ablation, self.local_queries = cfg.bidirectional_ablation, cfg.local_queries
         self.koleo_weight = cfg.koleo_weight
+        data_cfg = resolve_model_data_config(student.backbone)
+        self.mean, self.std = data_cfg["mean"], data_cfg["std"]
         self.autocast_dtype, needs_scaler = resolve_precision(cfg, device)
         self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
@@ -55,12 +59,18 @@ class TrainStep:
         return dict(query_attends=self.query_attends, query_pos=self.query_pos,
                     bidirectional_ablation=self.bidirectional_ablation)
 
+    def _images(self, images: Tensor) -> Tensor:
+        """Views to the device; uint8 views (the engine's data workers send those: a quarter of the bytes) are
+        normalised there with the backbone's mean and std, float views are taken as normalised already."""
+        images = images.to(self.device, non_blocking=True)
+        return normalize_uint8(images, self.mean, self.std) if images.dtype == torch.uint8 else images
+
     def forward_backward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
         """Forward both networks on a collated batch, compute the loss terms and backpropagate the total (scaled when
         fp16); -> the terms. Raises `NonFiniteLossError` (on every rank) before any gradient is written."""
-        globals_ = [v.to(self.device, non_blocking=True) for v in batch["global"]]
-        locals_ = [v.to(self.device, non_blocking=True) for v in batch["local"]]
-        queries = batch["queries"].to(self.device, non_blocking=True) if self.num_queries else None
+        globals_ = [self._images(v) for v in batch["global"]]
+        locals_ = [self._images(v) for v in batch["local"]]
+        queries = self._images(batch["queries"]) if self.num_queries else None
         masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]] if "masks" in batch else None
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
