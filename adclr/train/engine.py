@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import resolve_model_data_config
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -133,12 +132,10 @@ class Trainer:
 
     def _data(self):
         cfg = self.cfg
-        backbone = self.student.backbone
-        data_cfg = resolve_model_data_config(backbone)
-        patch = backbone.patch_embed.patch_size[0]
-        transform = MultiCropAugmentation(
+        patch = self.student.backbone.patch_embed.patch_size[0]
+        transform = MultiCropAugmentation(  # the step's mean and std: the ones it normalises the uint8 views with
             global_size=cfg.img_size, local_size=cfg.local_size, num_local=cfg.local_crops,
-            global_scale=cfg.global_scale, local_scale=cfg.local_scale, mean=data_cfg["mean"], std=data_cfg["std"],
+            global_scale=cfg.global_scale, local_scale=cfg.local_scale, mean=self.step_fn.mean, std=self.step_fn.std,
             num_queries=cfg.num_queries, query_size=cfg.query_size or patch, query_scale=cfg.query_scale,
             normalize=False)  # uint8 views; TrainStep normalises them on the device
         dataset = ImageFolder(cfg.data, transform=transform)
