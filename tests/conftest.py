@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _free_port() -> int:
@@ -82,6 +83,15 @@ class LocalHub:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=20)
+
+
+@pytest.fixture
+def one_thread():
+    """Transforms run single-threaded, as in DataLoader workers; threads only add overhead on tiny images."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,7 @@ MEAN = (0.3, 0.5, 0.7)
 STD = (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Transforms run single-threaded, as in DataLoader workers; threads only add overhead on tiny images."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def seed_all(seed: int) -> None:

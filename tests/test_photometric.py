@@ -10,12 +10,7 @@ from adclr.train.photometric import (BRIGHTNESS, CONTRAST, HUE, SATURATION, Dino
 IDENTITY = dict(blur_p=0.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def views(n=4, height=20, width=28, seed=0) -> torch.Tensor:
