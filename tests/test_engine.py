@@ -73,6 +73,71 @@ def test_steps_on_a_fixed_batch_lower_the_loss(photo_folder, tmp_path):
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
 
 
+def _plain_dino_step(student, teacher, center, optimizer, batch, *, lr, wd, momentum, teacher_temp, mean, std,
+                     clip=3.0, student_temp=0.1, center_momentum=0.9):
+    """DINO's algorithm 1 written out from the paper, on the engine's networks' raw parameters: softmax of the centred
+    teacher over every other student view, cross-entropy, AdamW on the student, a global gradient-norm clip, EMA
+    teacher, centre EMA. -> (loss, new centre)."""
+    def head(net, x):
+        for layer in net.head.mlp:
+            x = layer(x)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = net.head.last_layer.parametrizations.weight.original0
+        v = net.head.last_layer.parametrizations.weight.original1
+        return x @ (g * v / v.norm(dim=1, keepdim=True)).T
+
+    def outputs(net, views):
+        return [head(net, net.backbone.forward_head(net.backbone.forward_features(v), pre_logits=True)) for v in views]
+
+    normalise = lambda v: (v.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    globals_, locals_ = [normalise(v) for v in batch["global"]], [normalise(v) for v in batch["local"]]
+    with torch.no_grad():
+        t_out = outputs(teacher, globals_)
+    s_out = outputs(student, globals_ + locals_)
+    pairs = [(a, b) for a in range(len(t_out)) for b in range(len(s_out)) if a != b]
+    loss = sum(-(torch.softmax((t_out[a] - center) / teacher_temp, -1)
+                 * torch.log_softmax(s_out[b] / student_temp, -1)).sum(-1).mean() for a, b in pairs) / len(pairs)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    scale = min(1.0, clip / (float(torch.stack([g.norm() for g in grads]).norm()) + 1e-6))
+    for g in grads:
+        g.mul_(scale)
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, (wd if group["decay"] else 0.0)
+    optimizer.step()
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.copy_(momentum * t + (1 - momentum) * s)
+    new_center = center_momentum * center + (1 - center_momentum) * torch.cat(t_out).mean(0, keepdim=True)
+    return float(loss.detach()), new_center
+
+
+def test_three_engine_steps_equal_plain_dino_from_the_same_start(photo_folder, tmp_path):
+    # The DINO baseline (r = 0) is DINO: loss, optimiser, clip, EMA teacher and centre agree with the algorithm written
+    # out plainly, step after step. (A training run that does not learn is then the recipe's doing, not a defect's.)
+    import copy
+    trainer = Trainer(_cfg(photo_folder, tmp_path, num_queries=0, drop_path=0.0, freeze_last_layer=0, lr=2e-3,
+                           warmup_epochs=0, momentum_teacher=0.9, epochs=3))
+    student, teacher = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
+    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")]
+    rest = [p for n, p in student.named_parameters() if p.requires_grad and not (p.ndim > 1 and not n.endswith(".bias"))]
+    optimizer = torch.optim.AdamW([{"params": decay, "decay": True}, {"params": rest, "decay": False}])
+    center = torch.zeros(1, 64)
+    batches = iter(trainer.loader)
+    for step in range(3):
+        batch = next(batches)
+        expected, center = _plain_dino_step(
+            student, teacher, center, optimizer, batch, lr=float(trainer.lr[step]), wd=float(trainer.wd[step]),
+            momentum=float(trainer.momentum[step]), teacher_temp=float(trainer.teacher_temp[step]),
+            mean=trainer.step_fn.mean, std=trainer.step_fn.std)
+        record = trainer.train_step(batch)
+        assert record["cls"] == pytest.approx(expected, rel=1e-5), step
+    torch.testing.assert_close(trainer.loss.cls.center, center, rtol=1e-5, atol=1e-6)
+    for (name, ours), theirs in zip(trainer.teacher.state_dict().items(), teacher.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_resume_continues_exactly(photo_folder, tmp_path):
     straight = train(_cfg(photo_folder, tmp_path / "straight"))
     _ = train(_cfg(photo_folder, tmp_path / "interrupted"), until_epoch=1)
