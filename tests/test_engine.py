@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from skimage import data as skdata
 
+from adclr.errors import InvalidSettingError
 from adclr.train import NonFiniteLossError, TrainConfig, Trainer, train
 from adclr.load import read_training_checkpoint
 from adclr.train.checkpoint import CHECKPOINT_NAME, export_teacher, save_atomic
@@ -150,6 +151,17 @@ def test_resume_continues_exactly(photo_folder, tmp_path):
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 8)
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_takes_that_setting_as_its_default(photo_folder, tmp_path):
+    cfg = _cfg(photo_folder, tmp_path, epochs=1)
+    train(cfg)
+    checkpoint = read_training_checkpoint(tmp_path / CHECKPOINT_NAME)
+    del checkpoint["config"]["centering"]  # as written before the setting existed
+    save_atomic(checkpoint, tmp_path / CHECKPOINT_NAME)
+    assert Trainer(_cfg(photo_folder, tmp_path, epochs=2), resume=True).epoch == 1
+    with pytest.raises(InvalidSettingError, match="centering"):
+        Trainer(_cfg(photo_folder, tmp_path, epochs=2, centering="sinkhorn_knopp"), resume=True)
+
+
 def test_resume_refuses_changed_settings(photo_folder, tmp_path):
     train(_cfg(photo_folder, tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"num_queries: checkpoint 3 vs now 5"):
@@ -172,9 +184,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(photo_folder, tmp_p
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("variant, num_queries", [("dino", 0), ("ibot", 3)])
-def test_variants_log_their_loss_terms(photo_folder, tmp_path, variant, num_queries):
-    train(_cfg(photo_folder, tmp_path, epochs=1, variant=variant, num_queries=num_queries))
+@pytest.mark.parametrize("variant, num_queries, centering",
+                         [("dino", 0, "center"), ("ibot", 3, "center"), ("ibot", 3, "sinkhorn_knopp")])
+def test_variants_log_their_loss_terms(photo_folder, tmp_path, variant, num_queries, centering):
+    train(_cfg(photo_folder, tmp_path, epochs=1, variant=variant, num_queries=num_queries, centering=centering))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "epoch_end" not in r]
     assert len(steps) == 4 and all(np.isfinite(r["loss"]) for r in steps)
@@ -249,7 +262,6 @@ def test_metrics_hold_collapse_diagnostics_and_a_uniform_teacher_is_named(photo_
 
 def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_path):
     from adclr.cli import main
-    from adclr.errors import InvalidSettingError
     from adclr.train import PRESETS
 
     cfg = TrainConfig.from_preset("small", out_dim=64)

@@ -12,6 +12,8 @@ from ..errors import InvalidSettingError
 from ..queries import QUERY_ATTENDS, QUERY_POS
 
 VARIANTS = ("dino", "ibot")
+#: How the teacher's logits become targets: DINO's running center, or a Sinkhorn-Knopp balance of the batch.
+CENTERINGS = ("center", "sinkhorn_knopp")
 
 #: Named recipes that replace some of TrainConfig's defaults (DINO's ViT-S/16 ImageNet recipe).
 #: `small`: a few thousand images and a few hundred steps (the Fashion-MNIST study, the demo model). With DINO's
@@ -54,6 +56,10 @@ class TrainConfig:
         "help": "weight of DINOv2's KoLeo term on the student's global [CLS] embeddings (0: off; DINOv2 uses 0.1)"})
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     mask_probability: float = 0.5
+    centering: str = field(default="center", metadata={
+        "choices": CENTERINGS,
+        "help": "teacher targets: DINO's running center, or a Sinkhorn-Knopp balance of each batch over the "
+                "prototypes (DINOv2's option)"})
     # multi-crop
     local_crops: int = 8
     local_size: int = 96
@@ -97,6 +103,7 @@ class TrainConfig:
             (self.query_attends in QUERY_ATTENDS, f"query_attends must be one of {QUERY_ATTENDS}, got {self.query_attends!r}"),
             (self.query_pos in QUERY_POS, f"query_pos must be one of {QUERY_POS}, got {self.query_pos!r}"),
             (self.num_queries >= 0, f"num_queries must be >= 0, got {self.num_queries}"),
+            (self.centering in CENTERINGS, f"centering must be one of {CENTERINGS}, got {self.centering!r}"),
             (self.koleo_weight >= 0, f"koleo_weight must be >= 0, got {self.koleo_weight}"),
             (self.local_crops >= 0, f"local_crops must be >= 0, got {self.local_crops}"),
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive"),

@@ -75,8 +75,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
-               if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(v)}
+    defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint had its default there
+    changed = {}
+    for key, now in cfg.to_dict().items():
+        before = saved.get(key, defaults[key])
+        if key not in RESUMABLE_CHANGES and json.dumps(before) != json.dumps(now):
+            changed[key] = (before, now)
     if changed:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
         raise InvalidSettingError(f"--resume with settings that differ from the checkpoint's ({detail}); resume with "
@@ -112,7 +116,7 @@ class Trainer:
                                                     else None) if self.world > 1 else self.student)
         self.loss = ADCLRLoss(cfg.out_dim, lambda_q=cfg.lambda_q,
                               lambda_patch=cfg.lambda_patch if cfg.variant == "ibot" else 0.0,
-                              student_temp=cfg.student_temp).to(self.device)
+                              student_temp=cfg.student_temp, centering=cfg.centering).to(self.device)
         self.step_fn = TrainStep(cfg, self.student, self.teacher, self.loss, self.device, self.student_ddp)
         self.scaler = self.step_fn.scaler
         self.optimizer = torch.optim.AdamW(param_groups(self.student))

@@ -2,7 +2,8 @@
 
 Each loss is teacher/student self-distillation with a centered, sharpened teacher. Every loss keeps
 its own center as a buffer (so `state_dict` and checkpoints hold it) and updates it as an EMA of the
-teacher outputs' mean over all processes.
+teacher outputs' mean over all processes; with ``centering="sinkhorn_knopp"`` the teacher is balanced over the
+prototypes by `sinkhorn.sinkhorn_knopp` instead (DINOv2's option) and the center is not used.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CENTERINGS
 from .diagnostics import dot, teacher_stats
+from .sinkhorn import sinkhorn_knopp
 
 
 class _CenteredDistillation(nn.Module):
@@ -23,11 +26,15 @@ class _CenteredDistillation(nn.Module):
 
     center: torch.Tensor
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "center") -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
         #: Collapse diagnostics of the last forward (`diagnostics.teacher_stats`, 0-dim tensors); empty before the
         #: first.
@@ -43,6 +50,18 @@ class _CenteredDistillation(nn.Module):
         logits = (teacher.detach() - self.center).div_(teacher_temp)
         return F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
 
+    def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(probabilities, log-probabilities) per view, (..., K) each like the view. With a center, view by view; with
+        Sinkhorn-Knopp, the rows of every view (and process) are balanced together, as DINOv2 balances its crops."""
+        if self.centering == "center":
+            pairs = [self.teacher_distribution(t, teacher_temp) for t in teacher_views]
+            return [p for p, _ in pairs], [log_p for _, log_p in pairs]
+        rows = torch.cat([t.reshape(-1, self.out_dim) for t in teacher_views])
+        probs = sinkhorn_knopp(rows, teacher_temp).split([t.numel() // self.out_dim for t in teacher_views])
+        probs = [p.reshape(t.shape) for p, t in zip(probs, teacher_views)]
+        return probs, [p.clamp_min(torch.finfo(p.dtype).tiny).log() for p in probs]
+
     def student_log_probs(self, student: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(student / self.student_temp, dim=-1)
 
@@ -53,6 +72,8 @@ class _CenteredDistillation(nn.Module):
         Sum and row count are all-reduced together, so unequal per-rank batch sizes still give the
         exact global mean; with no rows anywhere (e.g. r = 0 queries) the center is left unchanged.
         """
+        if self.centering != "center":
+            return
         tensors = [teacher_out] if isinstance(teacher_out, torch.Tensor) else list(teacher_out)
         rows = [t.detach().reshape(-1, self.out_dim) for t in tensors]  # summed view by view: no copy of all rows
         total = torch.stack([r.sum(0, dtype=self.center.dtype) for r in rows]).sum(0)
@@ -141,7 +162,7 @@ class DINOClsLoss(_CenteredDistillation):
         """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
-        probs, log_probs = zip(*[self.teacher_distribution(t, teacher_temp) for t in teacher_out])
+        probs, log_probs = self.teacher_distributions(teacher_out, teacher_temp)
         loss = _cross_view_ce(probs, student_out, self.student_temp)
         self.stats = teacher_stats(probs, log_probs, loss)
         self.update_center(teacher_out)
@@ -170,7 +191,7 @@ class QueryLoss(_CenteredDistillation):
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
             self.stats = {}
         else:
-            probs, log_probs = zip(*[self.teacher_distribution(t, teacher_temp) for t in teacher_q])
+            probs, log_probs = self.teacher_distributions(teacher_q, teacher_temp)
             loss = _cross_view_ce(probs, student_q, self.student_temp)
             self.stats = teacher_stats(probs, log_probs, loss)
         self.update_center(teacher_q)
@@ -201,18 +222,17 @@ class IBOTPatchLoss(_CenteredDistillation):
                 f"IBOTPatchLoss: got {len(student_patches)} student, {len(teacher_patches)} teacher and {len(masks)} "
                 "mask entries; pass one of each per global view."
             )
-        per_view, probs, log_probs, ce_rows = [], [], [], []
         for s, t, m in zip(student_patches, teacher_patches, masks):
             if s.shape != t.shape or m.shape != s.shape[:2] or m.dtype != torch.bool:
                 raise ValueError(
                     f"IBOTPatchLoss: student {tuple(s.shape)}, teacher {tuple(t.shape)} and mask {tuple(m.shape)} "
                     f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
                 )
-            # Only masked positions are scored, so softmaxes are computed for those rows alone.
-            p, log_p = self.teacher_distribution(t[m], teacher_temp)
+        # Only masked positions are scored, so softmaxes are computed for those rows alone.
+        probs, log_probs = self.teacher_distributions([t[m] for t, m in zip(teacher_patches, masks)], teacher_temp)
+        per_view, ce_rows = [], []
+        for s, m, p in zip(student_patches, masks, probs):
             ce = -(p * self.student_log_probs(s[m])).sum(-1)
-            probs.append(p)
-            log_probs.append(log_p)
             ce_rows.append(ce)
             weight = (1.0 / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(m)[m]
             per_view.append((ce * weight).sum() / m.shape[0])
@@ -236,13 +256,14 @@ class ADCLRLoss(nn.Module):
         lambda_patch: float = 0.0,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "center",
     ) -> None:
         super().__init__()
         self.lambda_q = lambda_q
         self.lambda_patch = lambda_patch
-        self.cls = DINOClsLoss(out_dim, student_temp, center_momentum)
-        self.query = QueryLoss(out_dim, student_temp, center_momentum)
-        self.patch = IBOTPatchLoss(out_dim, student_temp, center_momentum)
+        self.cls = DINOClsLoss(out_dim, student_temp, center_momentum, centering)
+        self.query = QueryLoss(out_dim, student_temp, center_momentum, centering)
+        self.patch = IBOTPatchLoss(out_dim, student_temp, center_momentum, centering)
 
     def forward(
         self,
