@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU run, under 8 minutes on one CUDA GPU (each step has a time limit; about 5 minutes expected):
+# One prepared GPU run, under 8 minutes on one CUDA GPU (each step has a time limit; about 7 minutes expected):
 #   inference   ViT-S/B at 224 px (batch 64) and 896 px (batch 8), timm in fp32 and in bf16 (autocast), each against
 #               the fp32 DINO-style reference              -> inference_fp32.{json,txt}, inference_bf16.{json,txt}
 #   train step  ADCLR vs DINO, bf16 autocast (the engine's default on GPU), batch 64 per GPU -> train_step.{json,txt}
 #   data        the multi-crop pipeline's images/s per DataLoader worker process, on the host's CPU -> data.{json,txt}
+#   study       the small-scale study's GPU variant: DINO and ADCLR pretrained at once (one process each, 7 data
+#               workers each) for the whole epochs that fit in STUDY_MINUTES (default 2.5) of wall time, then scored
+#               beside random init and the supervised anchors -> study/*.json, study.txt (STUDY_RUNS overrides the runs)
 # plus the card (nvidia-smi.txt) and the versions (versions.txt: python, torch, CUDA, torchvision, timm). Each benchmark
 # configuration runs in a fresh process. A step that fails or passes its limit is reported, the next one still runs,
 # and the exit code is then 1.
@@ -17,8 +20,8 @@
 #                                                                 # dependency's: torchvision, einops, pillow, tqdm,
 #                                                                 # scikit-image for the sample photos)
 #   pip install --no-deps --no-build-isolation --no-index .     # this project, from the repository root
-# The study recipe of the data step needs the Fashion-MNIST idx .gz files: FASHION_MNIST=DIR (default
-# /usr/share/datasets/fashion-mnist); without them only the ImageNet recipe runs.
+# The study recipe of the data step and the study step need the Fashion-MNIST idx .gz files: FASHION_MNIST=DIR
+# (default /usr/share/datasets/fashion-mnist); without them only the data step's ImageNet recipe runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=()
@@ -58,10 +61,10 @@ PY
 cat "$OUT/nvidia-smi.txt" "$OUT/versions.txt" | head -n 3
 
 for dtype in fp32 bf16; do
-    step "inference_$dtype" 115 python3 benchmarks/bench_inference.py "${DEVICE[@]}" --dtype "$dtype" --batch 64 8 \
-        --warmup 3 --repeats 10 --json "$OUT/inference_$dtype.json" "${QUICK[@]}"
+    step "inference_$dtype" 80 python3 benchmarks/bench_inference.py "${DEVICE[@]}" --dtype "$dtype" --batch 64 8 \
+        --warmup 2 --repeats 6 --json "$OUT/inference_$dtype.json" "${QUICK[@]}"
 done
-step train_step 140 python3 benchmarks/bench_train_step.py "${DEVICE[@]}" --precision "$TRAIN_PRECISION" --batch 64 \
+step train_step 120 python3 benchmarks/bench_train_step.py "${DEVICE[@]}" --precision "$TRAIN_PRECISION" --batch 64 \
     --json "$OUT/train_step.json" "${QUICK[@]}"
 RECIPES=(imagenet)
 if [[ -d "$FASHION_MNIST" ]]; then
@@ -70,8 +73,20 @@ else
     echo "no Fashion-MNIST under $FASHION_MNIST (set FASHION_MNIST=DIR): the data step runs the ImageNet recipe only"
 fi
 # bench_data writes data.txt itself; its own output is kept apart from the step log
-step data_log 90 python3 benchmarks/bench_data.py --recipes "${RECIPES[@]}" --fashion-mnist "$FASHION_MNIST" \
+step data_log 75 python3 benchmarks/bench_data.py --recipes "${RECIPES[@]}" --fashion-mnist "$FASHION_MNIST" \
     --out "$OUT" "${QUICK[@]}"
+
+if [[ -d "$FASHION_MNIST" ]]; then
+    STUDY_RUNS=(${STUDY_RUNS:-random_init supervised_s0 supervised_global_s0 dino_s0 adclr_s0})
+    STUDY_TMP="${TMPDIR:-/tmp}/adclr-gpu-study"  # scenes and checkpoints: not brought back
+    if (( ${#QUICK[@]} )); then
+        STUDY_ARGS=(--budget-minutes 0.2 --workers 1 --scenes 128 --quick)
+    else
+        STUDY_ARGS=(--budget-minutes "${STUDY_MINUTES:-2.5}" --workers 7)
+    fi
+    step study 270 python3 benchmarks/study.py --fashion-mnist "$FASHION_MNIST" --out "$OUT/study" \
+        --data "$STUDY_TMP/scenes" --runs-dir "$STUDY_TMP/runs" "${STUDY_ARGS[@]}" --runs "${STUDY_RUNS[@]}"
+fi
 
 echo "results in $OUT"
 if (( ${#FAILED[@]} )); then

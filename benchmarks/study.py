@@ -7,13 +7,16 @@ for the same number of steps, then scores the teacher backbone on frozen feature
           item over a textured background, `adclr.scenes.item_scenes`);
   dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
           predictions with every item class merged into one).
-Anchors: random init (the floor) and the same ViT trained *with* the scene masks for the same steps (supervised).
+Anchors: random init (the floor) and the same ViT trained with labels for the same steps: on the scene masks through a
+per-patch head (`supervised`, the dense ceiling) and on the item classes of textured items through its [CLS] token
+(`supervised_global`, the global ceiling).
 Gates, checked before any comparison is printed: trained DINO beats random init by >= 15 k-NN points (plain items)
 and by >= 5 points of foreground IoU, and every DINO and ADCLR run ends with its [CLS] term at or below 0.8 ln K.
 
     python benchmarks/study.py --out benchmarks/results/study                  # every run, then the summary
     python benchmarks/study.py --runs dino_s0 adclr_s0                          # a subset (finished runs are kept)
     python benchmarks/study.py --summary                                        # the table from the JSON files
+    python benchmarks/study.py --budget-minutes 4 --workers 2 --runs dino_s0 adclr_s0   # all at once, timed (GPU)
 Needs the Debian package dataset-fashion-mnist. One JSON per run in --out; checkpoints and metrics.jsonl in --runs-dir.
 """
 from __future__ import annotations
@@ -24,7 +27,10 @@ import logging
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +44,8 @@ import adclr  # noqa: F401  registers the archs
 from adclr.evaluate import extract_dense, extract_global
 from adclr.load import create_vit
 from adclr.probes import dense_probe, knn_accuracy, linear_probe
-from adclr.scenes import NUM_SCENE_CLASSES, fashion_scenes, item_scenes, items_to_rgb, load_fashion_mnist
+from adclr.scenes import (CLASSES, DEFAULT_ROOT, NUM_SCENE_CLASSES, fashion_scenes, item_scenes, items_to_rgb,
+                          load_fashion_mnist)
 from adclr.train import PRESETS, TrainConfig, Trainer
 from adclr.train.checkpoint import CHECKPOINT_NAME
 
@@ -51,33 +58,39 @@ METHODS = {"dino": dict(num_queries=0), "adclr": dict(num_queries=10),
 SEEDS = (0, 1, 2)
 RUNS = {f"{method}_s{seed}": dict(settings, seed=seed) for method, settings in METHODS.items() for seed in SEEDS}
 EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=300)
+QUICK_EVAL = dict(items_train=400, items_test=100, scenes_train=64, scenes_test=32)  # --quick: a smoke run only
+#: `item_scenes` layouts of the global supervised anchor's training items (the probes use the split's default seed).
+SUPERVISED_ITEMS_SEED = 11
+#: The most epochs a timed run (--budget-minutes) may choose; its first epoch is laid out as the first of this many.
+MAX_TIMED_EPOCHS = 200
 GATES = dict(knn_points=15.0, fg_iou_points=5.0, cls_over_ln_k=0.8)
 
 
-def write_scene_folder(root: Path, n: int) -> Path:
+def write_scene_folder(root: Path, n: int, fmnist: Path = DEFAULT_ROOT) -> Path:
     """The unlabelled pretraining scenes as PNG files (deterministic: the train split's fixed seed)."""
     done = root / ".complete"
     if not done.exists():
         root.mkdir(parents=True, exist_ok=True)
-        images, _ = fashion_scenes("train", n)
+        images, _ = fashion_scenes("train", n, root=fmnist)
         for i, image in enumerate(images):
             Image.fromarray(image).save(root / f"{i:05d}.png")
         done.write_text(str(n))
     return root
 
 
-def eval_data() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def eval_data(fmnist: Path = DEFAULT_ROOT, sizes: dict[str, int] = EVAL
+              ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(train images, train labels, test images, test labels) per task; fixed subsets, same for every model."""
-    n_train, n_test = EVAL["items_train"], EVAL["items_test"]
-    items, labels = load_fashion_mnist("train")
-    test_items, test_labels = load_fashion_mnist("test")
-    scenes, masks = fashion_scenes("test", EVAL["scenes_train"] + EVAL["scenes_test"])
+    n_train, n_test = sizes["items_train"], sizes["items_test"]
+    items, labels = load_fashion_mnist("train", fmnist)
+    test_items, test_labels = load_fashion_mnist("test", fmnist)
+    scenes, masks = fashion_scenes("test", sizes["scenes_train"] + sizes["scenes_test"], root=fmnist)
     return {
         "plain": (items_to_rgb(items[:n_train], 64), labels[:n_train],
                   items_to_rgb(test_items[:n_test], 64), test_labels[:n_test]),
-        "textured": (*item_scenes("train", n_train), *item_scenes("test", n_test)),
-        "scenes": (scenes[:EVAL["scenes_train"]], masks[:EVAL["scenes_train"]],
-                   scenes[EVAL["scenes_train"]:], masks[EVAL["scenes_train"]:]),
+        "textured": (*item_scenes("train", n_train, root=fmnist), *item_scenes("test", n_test, root=fmnist)),
+        "scenes": (scenes[:sizes["scenes_train"]], masks[:sizes["scenes_train"]],
+                   scenes[sizes["scenes_train"]:], masks[sizes["scenes_train"]:]),
     }
 
 
@@ -97,11 +110,12 @@ def score(backbone: nn.Module, data: dict) -> dict[str, float]:
     return out | {"miou": seg["miou"], "fg_iou": seg["fg_iou"]}
 
 
-def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path) -> tuple[nn.Module, dict]:
+def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path,
+             until_epoch: int | None = None) -> tuple[nn.Module, dict]:
     cfg = TrainConfig(data=str(data_dir), output=str(runs_dir / name), **{**BASE, **settings})
     start = time.perf_counter()
     trainer = Trainer(cfg, resume=(runs_dir / name / CHECKPOINT_NAME).exists())  # an interrupted run continues
-    teacher = trainer.fit()
+    teacher = trainer.fit(until_epoch)
     epochs = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
     last = [e for e in epochs if "epoch_end" in e][-1]
     log_k = math.log(cfg.out_dim)
@@ -111,37 +125,95 @@ def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path) -> tuple
                               "train_seconds": round(time.perf_counter() - start, 1), "final_loss": losses}
 
 
-def supervised(n_scenes: int, steps: int, seed: int = 0, batch_size: int = 64) -> nn.Module:
-    """The upper anchor: the same ViT trained with a per-patch linear head on the pretraining scenes' masks.
-
-    Same steps and batch as a pretraining run, AdamW with a cosine learning rate, horizontal flips.
-    """
+def _train_supervised(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, batch_size: int,
+                      readout: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                      make_head: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """The study's ViT trained with labels through ``make_head(backbone)`` on ``readout(backbone, images)``: AdamW
+    (lr 1e-3, weight decay 0.05, one-cycle cosine), horizontal flips (of label maps too), batches drawn with
+    replacement; on the GPU when there is one."""
     torch.manual_seed(seed)
-    images, masks = fashion_scenes("train", n_scenes)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = create_vit(ARCH["arch"], img_size=ARCH["img_size"], drop_path_rate=0.1)
-    head = nn.Conv2d(backbone.embed_dim, NUM_SCENE_CLASSES, kernel_size=1)
+    head = make_head(backbone)
+    backbone, head = backbone.to(device), head.to(device)
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     mean, std = (torch.tensor(backbone.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     x_all = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
-    y_all = torch.from_numpy(masks)
-    grid = ARCH["img_size"] // backbone.patch_embed.patch_size[0]
+    y_all = torch.from_numpy(labels)
     backbone.train()
     for _ in range(steps):
         idx = torch.randint(len(x_all), (batch_size,))
         x, y = x_all[idx], y_all[idx]
         flip = torch.rand(batch_size) < 0.5
-        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
-        maps = tokens.transpose(1, 2).reshape(batch_size, -1, grid, grid)
-        logits = F.interpolate(head(maps), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, y)
+        x[flip] = x[flip].flip(-1)
+        if y.ndim == 3:
+            y[flip] = y[flip].flip(-1)
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(head(readout(backbone, x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     return backbone
+
+
+def supervised(n_scenes: int, steps: int, seed: int = 0, batch_size: int = 64,
+               fmnist: Path = DEFAULT_ROOT) -> nn.Module:
+    """The dense anchor: the ViT trained on the pretraining scenes' masks through a per-patch linear head."""
+    images, masks = fashion_scenes("train", n_scenes, root=fmnist)
+
+    def patch_logits(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        grid = x.shape[-1] // backbone.patch_embed.patch_size[0]
+        tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens:]
+        return tokens.transpose(1, 2).reshape(len(x), -1, grid, grid)
+
+    def patch_head(backbone: nn.Module) -> nn.Module:  # 1x1 conv, upsampled to the mask's size
+        return nn.Sequential(nn.Conv2d(backbone.embed_dim, NUM_SCENE_CLASSES, kernel_size=1),
+                             nn.Upsample(size=(ARCH["img_size"],) * 2, mode="bilinear", align_corners=False))
+
+    return _train_supervised(images, masks, steps, seed, batch_size, patch_logits, patch_head)
+
+
+def supervised_global(n_items: int, steps: int, seed: int = 0, batch_size: int = 64,
+                      fmnist: Path = DEFAULT_ROOT) -> nn.Module:
+    """The global anchor: the ViT trained on textured train items' classes through a linear head on its [CLS] token
+    (items other than the probes' train subset: `item_scenes` with its own seed)."""
+    images, labels = item_scenes("train", n_items, root=fmnist, seed=SUPERVISED_ITEMS_SEED)
+
+    def cls_token(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+    return _train_supervised(images, labels, steps, seed, batch_size, cls_token,
+                             lambda backbone: nn.Linear(backbone.embed_dim, len(CLASSES)))
+
+
+def train_within(names: list[str], budget_s: float, args: argparse.Namespace) -> int:
+    """Pretrain every run in ``names`` at once, one process each, for as many whole epochs as fit in ``budget_s``
+    seconds of wall time; -> the epochs. The first epoch of all runs together is timed (laid out as the first of a
+    long run, so its schedules are those of any longer one), then every run resumes with the epochs the rest of the
+    budget holds: each schedule is completed, none is cut off."""
+    def launch(epochs: int, until_epoch: int | None = None) -> None:
+        common = ["--train-only", "--epochs", str(epochs), "--data", str(args.data), "--runs-dir", str(args.runs_dir),
+                  "--scenes", str(args.scenes), "--workers", str(args.workers),
+                  "--fashion-mnist", str(args.fashion_mnist)]
+        if until_epoch:
+            common += ["--until-epoch", str(until_epoch)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--runs", name, *common]) for name in names]
+        failed = [name for name, proc in zip(names, procs) if proc.wait()]
+        if failed:
+            raise SystemExit(f"pretraining failed for {failed}; see their logs above and {args.runs_dir}")
+
+    start = time.perf_counter()
+    launch(MAX_TIMED_EPOCHS, until_epoch=1)
+    first = time.perf_counter() - start
+    epochs = int(min(MAX_TIMED_EPOCHS, max(1, budget_s // first)))
+    logging.info("first epoch of %d concurrent runs: %.0f s; %d epochs fit in %.0f s", len(names), first, epochs,
+                 budget_s)
+    if epochs > 1:
+        launch(epochs)
+    return epochs
 
 
 def summary(out: Path) -> str:
@@ -184,37 +256,59 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/scenes"))
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
     parser.add_argument("--scenes", type=int, default=4000)
+    parser.add_argument("--fashion-mnist", type=Path, default=DEFAULT_ROOT, help="folder of the four idx .gz files")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"], help="pretraining epochs of every run")
-    parser.add_argument("--runs", nargs="*", default=["random_init", "supervised_s0", *RUNS],
-                        help=f"any of random_init, supervised_s0, {', '.join(RUNS)}")
+    anchors = ["random_init", "supervised_s0", "supervised_global_s0"]
+    parser.add_argument("--runs", nargs="*", default=[*anchors, *RUNS],
+                        help=f"any of {', '.join(anchors + list(RUNS))}")
     parser.add_argument("--summary", action="store_true", help="only print the table of the finished runs")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="train every pretraining run at once, one process each, for the whole epochs that fit in "
+                             "this wall time (measured on the first epoch; overrides --epochs), then score them")
+    parser.add_argument("--workers", type=int, default=BASE["workers"], help="data loader workers per run")
+    parser.add_argument("--quick", action="store_true", help="score on small evaluation subsets: a smoke run, its "
+                                                                 "figures mean nothing")
+    parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a --budget-minutes child
+    parser.add_argument("--until-epoch", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
+        return
+    data_dir = write_scene_folder(args.data, args.scenes, args.fashion_mnist)
+    if args.train_only:  # one process of --budget-minutes: pretraining, no scores
+        for name in args.runs:
+            pretrain(name, RUNS[name] | {"epochs": args.epochs, "workers": args.workers}, data_dir, args.runs_dir,
+                     args.until_epoch)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     (args.out / "machine.json").write_text(json.dumps(machine, indent=2))
-    data_dir = write_scene_folder(args.data, args.scenes)
-    data = eval_data()
+    pending = [name for name in args.runs if not (args.out / f"{name}.json").exists()]
+    timed = {}
+    if args.budget_minutes is not None:
+        concurrent = [name for name in pending if name in RUNS]
+        start = time.perf_counter()
+        args.epochs = train_within(concurrent, 60 * args.budget_minutes, args)
+        timed = {"train_seconds": round(time.perf_counter() - start, 1), "concurrent_runs": len(concurrent)}
+    data = eval_data(args.fashion_mnist, QUICK_EVAL if args.quick else EVAL)
     steps = args.epochs * (args.scenes // BASE["batch_size"])
-    for name in args.runs:
-        if (args.out / f"{name}.json").exists():
-            continue
+    for name in pending:
         if name == "random_init":
             torch.manual_seed(0)
             record = {"run": name, "final": score(create_vit(ARCH["arch"], img_size=ARCH["img_size"]), data)}
         elif name.startswith("supervised"):
             start = time.perf_counter()
-            backbone = supervised(args.scenes, steps, seed=int(name.rsplit("_s", 1)[1]))
+            anchor = supervised_global if name.startswith("supervised_global") else supervised
+            backbone = anchor(args.scenes, steps, seed=int(name.rsplit("_s", 1)[1]), fmnist=args.fashion_mnist)
             record = {"run": name, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
                       "final": score(backbone, data)}
         else:
-            backbone, info = pretrain(name, RUNS[name] | {"epochs": args.epochs}, data_dir, args.runs_dir)
-            record = {"run": name, **info, "final": score(backbone, data)}
+            backbone, info = pretrain(name, RUNS[name] | {"epochs": args.epochs, "workers": args.workers}, data_dir,
+                                      args.runs_dir)
+            record = {"run": name, **info, **timed, "final": score(backbone, data)}
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
         logging.info("%s: %s", name, record["final"])
     print(summary(args.out))
