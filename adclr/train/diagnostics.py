@@ -19,8 +19,9 @@ UNIFORM_FRACTION = 0.95
 ONE_HOT_NATS = math.log(2.0)
 
 REMEDIES = ("lower the teacher temperature or shorten its warm-up (--warmup-teacher-temp, --teacher-temp, "
-            "--warmup-teacher-temp-epochs), lower --momentum-teacher, use fewer prototypes (--out-dim), or change "
-            "--lr; the `small` preset (--preset small) is a recipe that learns on a few thousand images")
+            "--warmup-teacher-temp-epochs), lower --momentum-teacher, use fewer prototypes (--out-dim), balance "
+            "small batches over the prototypes (--centering sinkhorn_knopp), or change --lr; on a few thousand images "
+            "start from the `small` preset (--preset small)")
 
 
 #: Elements per partial dot product in `dot`.
