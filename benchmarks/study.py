@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a --budget-minutes child
     parser.add_argument("--until-epoch", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        parser.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
