@@ -22,8 +22,10 @@ def _all_reduce(t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
-    """(N, K) teacher logits -> (N, K) rows (fp32 at least) that each sum to 1, balanced over the K prototypes across the rows of
-    every process: ``iterations`` rounds of scaling each prototype's column to 1 / K of the mass, then each row to 1 / N.
+    """(N, K) teacher logits -> (N, K) rows (fp32 at least) that each sum to 1, balanced over the K prototypes across
+    the rows of every process: ``iterations`` rounds of scaling each prototype's column to 1 / K of the mass, then each
+    row to 1 / N. (SwAV first scales the whole matrix to mass 1; the first column scaling cancels any overall scale, so
+    that pass and its all-reduce are left out.)
 
     The global maximum logit is subtracted first (it cancels in the normalisations) so that a low temperature cannot
     overflow the exponential; a prototype whose every entry underflows to 0 keeps a share of 0 instead of turning NaN.
@@ -39,7 +41,6 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     q = (scaled - peak).exp_().T  # K x N: one column per row of the batch
     prototypes = q.shape[0]
     rows = _all_reduce(q.new_tensor([q.shape[1]]))
-    q /= _all_reduce(q.sum().reshape(1))
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(iterations):
         q /= _all_reduce(q.sum(1, keepdim=True)).clamp_min(tiny) * prototypes
