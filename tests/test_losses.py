@@ -1,9 +1,8 @@
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import _free_port
 
 from adclr.train.losses import ADCLRLoss, DINOClsLoss, IBOTPatchLoss, QueryLoss
 
@@ -314,12 +313,6 @@ def _worker(rank, port, out_dir):
         torch.save(loss_fn.state_dict(), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_centers_are_all_reduced_over_two_gloo_processes(tmp_path):

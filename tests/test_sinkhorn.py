@@ -1,14 +1,13 @@
 """The Sinkhorn-Knopp teacher against a float64 reference, its balance, its numerics, two processes, and the losses."""
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import _free_port
 
 from adclr.errors import InvalidSettingError
 from adclr.train import TrainConfig
@@ -87,10 +86,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_balance_the_union_of_their_rows(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     logits = torch.randn(12, 16, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.cat(parts), sinkhorn_knopp(logits, 0.05))
