@@ -110,13 +110,16 @@ def score(backbone: nn.Module, data: dict) -> dict[str, float]:
     return out | {"miou": seg["miou"], "fg_iou": seg["fg_iou"]}
 
 
-def pretrain(name: str, settings: dict, data_dir: Path, runs_dir: Path,
+def pretrain(name: str, args: argparse.Namespace, data_dir: Path,
              until_epoch: int | None = None) -> tuple[nn.Module, dict]:
-    cfg = TrainConfig(data=str(data_dir), output=str(runs_dir / name), **{**BASE, **settings})
+    """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone and record."""
+    settings = RUNS[name] | {"epochs": args.epochs, "workers": args.workers}
+    cfg = TrainConfig(data=str(data_dir), output=str(args.runs_dir / name), **{**BASE, **settings})
     start = time.perf_counter()
-    trainer = Trainer(cfg, resume=(runs_dir / name / CHECKPOINT_NAME).exists())  # an interrupted run continues
+    run_dir = args.runs_dir / name
+    trainer = Trainer(cfg, resume=(run_dir / CHECKPOINT_NAME).exists())  # an interrupted run continues
     teacher = trainer.fit(until_epoch)
-    epochs = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [e for e in epochs if "epoch_end" in e][-1]
     log_k = math.log(cfg.out_dim)
     losses = {f"{term}_over_ln_k": last[term] / log_k for term in ("cls", "query") if last.get(term)}
@@ -280,8 +283,7 @@ def main() -> None:
     data_dir = write_scene_folder(args.data, args.scenes, args.fashion_mnist)
     if args.train_only:  # one process of --budget-minutes: pretraining, no scores
         for name in args.runs:
-            pretrain(name, RUNS[name] | {"epochs": args.epochs, "workers": args.workers}, data_dir, args.runs_dir,
-                     args.until_epoch)
+            pretrain(name, args, data_dir, args.until_epoch)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
@@ -308,8 +310,7 @@ def main() -> None:
             record = {"run": name, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
                       "final": score(backbone, data)}
         else:
-            backbone, info = pretrain(name, RUNS[name] | {"epochs": args.epochs, "workers": args.workers}, data_dir,
-                                      args.runs_dir)
+            backbone, info = pretrain(name, args, data_dir)
             record = {"run": name, **info, **timed, "final": score(backbone, data)}
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
         logging.info("%s: %s", name, record["final"])
