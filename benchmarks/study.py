@@ -112,7 +112,7 @@ def score(backbone: nn.Module, data: dict) -> dict[str, float]:
 
 def pretrain(name: str, args: argparse.Namespace, data_dir: Path,
              until_epoch: int | None = None) -> tuple[nn.Module, dict]:
-    """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone and record."""
+    """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone, record."""
     settings = RUNS[name] | {"epochs": args.epochs, "workers": args.workers}
     cfg = TrainConfig(data=str(data_dir), output=str(args.runs_dir / name), **{**BASE, **settings})
     start = time.perf_counter()
