@@ -80,12 +80,12 @@ if [[ -d "$FASHION_MNIST" ]]; then
     STUDY_RUNS=(${STUDY_RUNS:-random_init supervised_s0 supervised_global_s0 dino_s0 adclr_s0})
     STUDY_TMP="${TMPDIR:-/tmp}/adclr-gpu-study"  # scenes and checkpoints: not brought back
     if (( ${#QUICK[@]} )); then
-        STUDY_ARGS=(--budget-minutes 0.2 --workers 1 --scenes 128 --quick)
+        STUDY_ARGS=(--budget-minutes 0.2 --workers 1 --images 128 --quick)
     else
         STUDY_ARGS=(--budget-minutes "${STUDY_MINUTES:-2.5}" --workers 7)
     fi
     step study 270 python3 benchmarks/study.py --fashion-mnist "$FASHION_MNIST" --out "$OUT/study" \
-        --data "$STUDY_TMP/scenes" --runs-dir "$STUDY_TMP/runs" "${STUDY_ARGS[@]}" --runs "${STUDY_RUNS[@]}"
+        --data "$STUDY_TMP/data" --runs-dir "$STUDY_TMP/runs" "${STUDY_ARGS[@]}" --runs "${STUDY_RUNS[@]}"
 fi
 
 echo "results in $OUT"

@@ -1,8 +1,9 @@
 """Small-scale study v2: does the training learn, and what do ADCLR's queries add? (CPU-sized; see RESULTS.md)
 
-Pretraining data: unlabelled Fashion-MNIST scenes (2-4 tinted items over textured backgrounds, 64 px). Every run
-trains the same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token grid) with the `small` preset
-for the same number of steps, then scores the teacher backbone on frozen features:
+Pretraining data (--pretraining): unlabelled 64 px images from Fashion-MNIST's train split, one of `PRETRAINING`:
+scenes (2-4 tinted items over textured backgrounds), item scenes (one tinted item over a textured background) or plain
+items (gray on black). Every run trains the same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token
+grid) with the `small` preset for the same number of steps, then scores the teacher backbone on frozen features:
   global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
           item over a textured background, `adclr.scenes.item_scenes`);
   dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
@@ -61,21 +62,38 @@ EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=30
 QUICK_EVAL = dict(items_train=400, items_test=100, scenes_train=64, scenes_test=32)  # --quick: a smoke run only
 #: `item_scenes` layouts of the global supervised anchor's training items (the probes use the split's default seed).
 SUPERVISED_ITEMS_SEED = 11
+#: Unlabelled pretraining sets, 64 px, all from the train split (--pretraining picks one).
+PRETRAINING = {"scenes": "2-4 tinted items over a textured background (`fashion_scenes`)",
+               "item_scenes": "one tinted item over a textured background (`item_scenes`, their own layouts)",
+               "items": "plain items, gray on black (train items the probes do not use)"}
+PRETRAINING_ITEMS_SEED, PRETRAINING_ITEMS_FROM = 7, 10_000
 #: The most epochs a timed run (--budget-minutes) may choose; its first epoch is laid out as the first of this many.
 MAX_TIMED_EPOCHS = 200
 GATES = dict(knn_points=15.0, fg_iou_points=5.0, cls_over_ln_k=0.8)
 
 
-def write_scene_folder(root: Path, n: int, fmnist: Path = DEFAULT_ROOT) -> Path:
-    """The unlabelled pretraining scenes as PNG files (deterministic: the train split's fixed seed)."""
-    done = root / ".complete"
+def pretraining_images(kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> np.ndarray:
+    """``n`` unlabelled 64 px pretraining images of one `PRETRAINING` kind, uint8 (n, 64, 64, 3); deterministic."""
+    if kind == "scenes":
+        return fashion_scenes("train", n, root=fmnist)[0]
+    if kind == "item_scenes":
+        return item_scenes("train", n, root=fmnist, seed=PRETRAINING_ITEMS_SEED)[0]
+    items = load_fashion_mnist("train", fmnist)[0][PRETRAINING_ITEMS_FROM:]
+    if n > len(items):
+        raise SystemExit(f"--images {n}: the train split has {len(items)} items after the probes' ones")
+    return items_to_rgb(items[:n], 64)
+
+
+def write_pretraining_folder(root: Path, kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> Path:
+    """The pretraining images as PNG files in ``root/KIND-N`` (written once; a finished folder has `.complete`)."""
+    folder = root / f"{kind}-{n}"
+    done = folder / ".complete"
     if not done.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        images, _ = fashion_scenes("train", n, root=fmnist)
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(root / f"{i:05d}.png")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(pretraining_images(kind, n, fmnist)):
+            Image.fromarray(image).save(folder / f"{i:05d}.png")
         done.write_text(str(n))
-    return root
+    return folder
 
 
 def eval_data(fmnist: Path = DEFAULT_ROOT, sizes: dict[str, int] = EVAL
@@ -199,7 +217,7 @@ def train_within(names: list[str], budget_s: float, args: argparse.Namespace) ->
     budget holds: each schedule is completed, none is cut off."""
     def launch(epochs: int, until_epoch: int | None = None) -> None:
         common = ["--train-only", "--epochs", str(epochs), "--data", str(args.data), "--runs-dir", str(args.runs_dir),
-                  "--scenes", str(args.scenes), "--workers", str(args.workers),
+                  "--pretraining", args.pretraining, "--images", str(args.images), "--workers", str(args.workers),
                   "--fashion-mnist", str(args.fashion_mnist)]
         if until_epoch:
             common += ["--until-epoch", str(until_epoch)]
@@ -256,9 +274,13 @@ def summary(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study"))
-    parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/scenes"))
+    parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/data"),
+                        help="where the pretraining images are written (a KIND-N folder inside)")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
-    parser.add_argument("--scenes", type=int, default=4000)
+    parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="scenes",
+                        help="the unlabelled pretraining set; "
+                             + "; ".join(f"{k}: {v}" for k, v in PRETRAINING.items()))
+    parser.add_argument("--images", type=int, default=4000, help="pretraining images (and the dense anchor's scenes)")
     parser.add_argument("--fashion-mnist", type=Path, default=DEFAULT_ROOT, help="folder of the four idx .gz files")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"], help="pretraining epochs of every run")
     anchors = ["random_init", "supervised_s0", "supervised_global_s0"]
@@ -280,7 +302,7 @@ def main() -> None:
     if args.summary:
         print(summary(args.out))
         return
-    data_dir = write_scene_folder(args.data, args.scenes, args.fashion_mnist)
+    data_dir = write_pretraining_folder(args.data, args.pretraining, args.images, args.fashion_mnist)
     if args.train_only:  # one process of --budget-minutes: pretraining, no scores
         for name in args.runs:
             pretrain(name, args, data_dir, args.until_epoch)
@@ -298,7 +320,7 @@ def main() -> None:
         args.epochs = train_within(concurrent, 60 * args.budget_minutes, args)
         timed = {"train_seconds": round(time.perf_counter() - start, 1), "concurrent_runs": len(concurrent)}
     data = eval_data(args.fashion_mnist, QUICK_EVAL if args.quick else EVAL)
-    steps = args.epochs * (args.scenes // BASE["batch_size"])
+    steps = args.epochs * (args.images // BASE["batch_size"])
     for name in pending:
         if name == "random_init":
             torch.manual_seed(0)
@@ -306,12 +328,13 @@ def main() -> None:
         elif name.startswith("supervised"):
             start = time.perf_counter()
             anchor = supervised_global if name.startswith("supervised_global") else supervised
-            backbone = anchor(args.scenes, steps, seed=int(name.rsplit("_s", 1)[1]), fmnist=args.fashion_mnist)
+            backbone = anchor(args.images, steps, seed=int(name.rsplit("_s", 1)[1]), fmnist=args.fashion_mnist)
             record = {"run": name, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
                       "final": score(backbone, data)}
         else:
             backbone, info = pretrain(name, args, data_dir)
-            record = {"run": name, **info, **timed, "final": score(backbone, data)}
+            record = {"run": name, "pretraining": {"set": args.pretraining, "images": args.images}, **info, **timed,
+                      "final": score(backbone, data)}
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
         logging.info("%s: %s", name, record["final"])
     print(summary(args.out))
