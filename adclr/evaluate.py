@@ -276,14 +276,28 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
     }
 
 
+def _bundled(name: str) -> dict[str, np.ndarray]:
+    """The arrays of one .npz file shipped in `adclr/assets`."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("adclr.assets") / name) as path, np.load(path) as arrays:
+        return dict(arrays)
+
+
 def bundled_scenes_probe(model_spec: str | os.PathLike | nn.Module, *, n_train: int = 192, epochs: int = 50,
                          seed: int = 0) -> dict[str, Any]:
     """The dense probe on the 256 labelled held-out Fashion-MNIST scenes shipped in `adclr/assets` (train on the
     first `n_train`, score the rest): a dense-feature check that needs no data set installed."""
-    from importlib import resources
-
-    with resources.as_file(resources.files("adclr.assets") / "fashion-scenes-test-256.npz") as path:
-        scenes = np.load(path)
-        images, masks = scenes["images"], scenes["masks"].astype(np.int64)
+    scenes = _bundled("fashion-scenes-test-256.npz")
+    images, masks = scenes["images"], scenes["masks"].astype(np.int64)
     data = {"train": (images[:n_train], masks[:n_train]), "test": (images[n_train:], masks[n_train:])}
     return evaluate(model_spec, "seg", data, epochs=epochs, seed=seed, progress=False)
+
+
+def bundled_items_knn(model_spec: str | os.PathLike | nn.Module, *, n_train: int = 800) -> dict[str, Any]:
+    """k-NN on the 1000 Fashion-MNIST test items shipped in `adclr/assets` (100 per class, gray on black; the first
+    `n_train` are the memory bank, the rest are scored): a global-feature check that needs no data set installed."""
+    sample = _bundled("fashion-items-test-1000.npz")
+    images, labels = fashion.items_to_rgb(sample["items"]), sample["labels"].astype(np.int64)
+    data = {"train": (images[:n_train], labels[:n_train]), "test": (images[n_train:], labels[n_train:])}
+    return evaluate(model_spec, "knn", data, progress=False)

@@ -231,3 +231,21 @@ def write_scene_sample(out_dir: str | os.PathLike, n: int = 256, split: str = "t
     path = out_dir / f"fashion-scenes-{split}-{n}.npz"
     np.savez_compressed(path, images=images, masks=masks.astype(np.uint8))
     return path
+
+
+def write_item_sample(out_dir: str | os.PathLike, per_class: int = 100, split: str = "test",
+                      root: str | os.PathLike = DEFAULT_ROOT) -> Path:
+    """Write ``fashion-items-<split>-<n>.npz``: the first ``per_class`` items of each class, interleaved by class
+    (item i has class i mod 10, so every prefix of a multiple of 10 is balanced): items uint8 (n, 28, 28), labels
+    uint8."""
+    items, labels = load_fashion_mnist(split, root)
+    per_label = [np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))]
+    if min(len(i) for i in per_label) < per_class:
+        raise InvalidSettingError(f"the {split} split has fewer than {per_class} items of some class; pass a smaller "
+                                  "per_class")
+    order = np.stack(per_label, axis=1).reshape(-1)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"fashion-items-{split}-{len(order)}.npz"
+    np.savez_compressed(path, items=items[order], labels=labels[order].astype(np.uint8))
+    return path

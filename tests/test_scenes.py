@@ -9,7 +9,7 @@ import pytest
 
 from adclr import scenes
 from adclr.scenes import (DEFAULT_ROOT, fashion_scenes, items_to_rgb, load_fashion_mnist, make_scenes, read_idx,
-                          sample_layouts, write_scene_sample)
+                          sample_layouts, write_item_sample, write_scene_sample)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -176,6 +176,27 @@ def test_write_scene_sample(tmp_path, fake_root):
     # the fixed split seeds: train and test scenes differ
     train_masks = fashion_scenes("train", 4, root=fake_root)[1]
     assert not np.array_equal(train_masks, fashion_scenes("test", 4, root=fake_root)[1])
+
+
+def test_write_item_sample_interleaves_the_first_items_of_each_class(tmp_path, fake_root):
+    items, labels = load_fashion_mnist("test", fake_root)
+    path = write_item_sample(tmp_path, per_class=6, split="test", root=fake_root)
+    assert path.name == "fashion-items-test-60.npz"
+    with np.load(path) as sample:
+        assert sample["labels"].tolist() == list(range(10)) * 6
+        for c in range(10):  # class c's items, in split order
+            assert np.array_equal(sample["items"][c::10], items[labels == c][:6])
+    with pytest.raises(ValueError, match="per_class"):
+        write_item_sample(tmp_path, per_class=200, split="test", root=fake_root)
+
+
+def test_bundled_item_sample_is_what_write_item_sample_writes(tmp_path):
+    if not (DEFAULT_ROOT / scenes.FILES["test"][0]).is_file():
+        pytest.skip(f"Fashion-MNIST is not installed under {DEFAULT_ROOT}")
+    from importlib import resources
+    with resources.as_file(resources.files("adclr.assets") / "fashion-items-test-1000.npz") as shipped, \
+            np.load(shipped) as bundled, np.load(write_item_sample(tmp_path)) as fresh:
+        assert all(np.array_equal(bundled[k], fresh[k]) for k in ("items", "labels"))
 
 
 @pytest.mark.skipif(not (DEFAULT_ROOT / scenes.FILES["test"][0]).is_file(),
