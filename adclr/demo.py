@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import MissingFileError
 from .load import load_model
+from .models import MANIFEST
 from .features import DEMO_MODEL, attention_maps, extract_features
 from .pictures import attention_image, pca_image
 from .images import load_rgb
@@ -120,4 +121,25 @@ def _write_report(path: Path, model: str | os.PathLike | nn.Module, vit: nn.Modu
         lines.append(f"| {p.name} | {image.height} x {image.width} | {tuple(f['cls'].shape[1:])} | "
                      f"{tuple(f['patch'].shape[1:])} | {p.stem}_pca.png, {p.stem}_attention.png |")
     lines += ["", "overview.png: one row per image: input (padded to the patch grid) | PCA | attention per head", ""]
+    lines += _recorded_checks(model)
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+#: (what, manifest metric) of the bundled checks `benchmarks/embed_demo.py` records for the model and for a random-init
+#: model of its arch (``random_init_`` + the metric).
+BUNDLED_CHECKS = (("items k-NN top-1 (800 / 200 bundled items)", "bundled_items_knn"),
+                  ("scenes dense probe foreground IoU", "bundled_probe_fg_iou"),
+                  ("scenes dense probe mIoU", "bundled_probe_miou"))
+
+
+def _recorded_checks(model: str | os.PathLike | nn.Module) -> list[str]:
+    """The model's recorded bundled-check figures beside random init's, as a Markdown table; [] without a record."""
+    entry = MANIFEST.get(model) if isinstance(model, str) else None
+    metrics = entry.metrics if entry is not None else {}
+    rows = [(what, metrics[key], metrics[f"random_init_{key}"]) for what, key in BUNDLED_CHECKS
+            if key in metrics and f"random_init_{key}" in metrics]
+    if not rows:
+        return []
+    return ["## Recorded checks (`adclr.evaluate`, bundled data; benchmarks/embed_demo.py measured them)", "",
+            "| check | this model | random init of its arch |", "|---|---|---|",
+            *(f"| {what} | {mine:.2f} | {random:.2f} |" for what, mine, random in rows), ""]

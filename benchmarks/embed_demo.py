@@ -4,7 +4,8 @@
 
 Loads the teacher backbone into `adclr_vit_mini_patch8`, scores the bundled-scenes dense probe in fp32 and with the
 weights rounded to fp16, writes `adclr/assets/adclr_vit_mini_patch8.demo.safetensors` (fp16 when the probe keeps its
-figure within 0.5 mIoU, else fp32) and prints the manifest table to paste into weights_manifest/weights.toml.
+figure within 0.5 mIoU, else fp32), scores the stored weights and a random-init model of the arch (seed 0) on the
+bundled checks (`adclr demo` reports both) and prints the manifest table to paste into weights_manifest/weights.toml.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import adclr  # noqa: F401
-from adclr.evaluate import bundled_scenes_probe
+from adclr.demo import BUNDLED_CHECKS
+from adclr.evaluate import bundled_items_knn, bundled_scenes_probe
 from adclr.load import load_teacher_backbone, read_training_checkpoint
 from adclr.weights import sha256_file
 
@@ -40,18 +42,31 @@ def main() -> None:
     save_file(half if keep_half else teacher.state_dict(), TARGET, metadata={"format": "pt"})
     cfg = checkpoint["config"]
     print(f"bundled-scenes probe mIoU: fp32 {fp32:.2f}, fp16 {fp16:.2f} -> stored as {'fp16' if keep_half else 'fp32'}")
+    model.load_state_dict(half if keep_half else teacher.state_dict())
+    torch.manual_seed(0)
+    checks = {"": bundled_checks(model), "random_init_": bundled_checks(timm.create_model(ARCH).eval())}
+    method = f"ADCLR ({cfg['num_queries']} queries)" if cfg["num_queries"] else "DINO"
+    metrics = "\n".join(f"{prefix}{key} = {figures[key]:.2f}" for prefix, figures in checks.items()
+                         for _, key in BUNDLED_CHECKS)
     print(f'''
 ["{ARCH}.{TAG}"]
 file = "assets/{TARGET.name}"
 sha256 = "{sha256_file(TARGET)}"
 size_bytes = {TARGET.stat().st_size}
 license = "apache-2.0"
-description = "Demo only, not an ImageNet model: ADCLR ({cfg['num_queries']} queries) on 4000 Fashion-MNIST scenes, 64 px, {checkpoint['epoch']} epochs on a CPU"
+description = "Demo only, not an ImageNet model: {method}, {checkpoint['epoch']} epochs on a CPU, 64 px Fashion-MNIST"
 source = "benchmarks/study.py run {args.checkpoint.parent.name}; benchmarks/embed_demo.py"
 
 ["{ARCH}.{TAG}".metrics]
-bundled_probe_miou = {(fp16 if keep_half else fp32):.2f}
+{metrics}
 ''')
+
+
+def bundled_checks(model: torch.nn.Module) -> dict[str, float]:
+    """The figures `adclr demo` reports (`BUNDLED_CHECKS`) of one model."""
+    probe = bundled_scenes_probe(model)
+    return {"bundled_items_knn": bundled_items_knn(model)["top1"], "bundled_probe_fg_iou": probe["fg_iou"],
+            "bundled_probe_miou": probe["miou"]}
 
 
 if __name__ == "__main__":
