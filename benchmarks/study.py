@@ -1,9 +1,10 @@
 """Small-scale study v2: does the training learn, and what do ADCLR's queries add? (CPU-sized; see RESULTS.md)
 
 Pretraining data (--pretraining): unlabelled 64 px images from Fashion-MNIST's train split, one of `PRETRAINING`:
-scenes (2-4 tinted items over textured backgrounds), item scenes (one tinted item over a textured background) or plain
-items (gray on black). Every run trains the same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token
-grid) with the `small` preset for the same number of steps, then scores the teacher backbone on frozen features:
+plain items (gray on black; the default, 8000 of them), scenes (2-4 tinted items over textured backgrounds) or item
+scenes (one tinted item over a textured background). Every run trains the same `adclr_vit_mini_patch8` (width 192,
+6 blocks, patch 8: an 8x8 token grid) with the `small` preset for the same number of steps (default 10 epochs = 1250),
+then scores the teacher backbone on frozen features:
   global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
           item over a textured background, `adclr.scenes.item_scenes`);
   dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
@@ -51,9 +52,9 @@ from adclr.train import PRESETS, TrainConfig, Trainer
 from adclr.train.checkpoint import CHECKPOINT_NAME
 
 ARCH = dict(arch="adclr_vit_mini_patch8", img_size=64)
-#: The scenes are 64 px: global crops 64 px (scale 0.4-1), 4 local crops 32 px (0.1-0.4), one token per query crop.
+#: Images are 64 px: global crops 64 px (scale 0.4-1), 4 local crops 32 px (0.1-0.4), one token per query crop.
 BASE = dict(**ARCH, **PRESETS["small"], local_crops=4, local_size=32, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
-            query_size=8, batch_size=64, epochs=4, workers=1, log_every=10)
+            query_size=8, batch_size=64, epochs=10, workers=1, log_every=10)
 METHODS = {"dino": dict(num_queries=0), "adclr": dict(num_queries=10),
            "adclr_allq": dict(num_queries=10, query_attends="all_queries")}  # ablation: queries also read each other
 SEEDS = (0, 1, 2)
@@ -277,10 +278,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/data"),
                         help="where the pretraining images are written (a KIND-N folder inside)")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
-    parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="scenes",
+    parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="items",
                         help="the unlabelled pretraining set; "
                              + "; ".join(f"{k}: {v}" for k, v in PRETRAINING.items()))
-    parser.add_argument("--images", type=int, default=4000, help="pretraining images (and the dense anchor's scenes)")
+    parser.add_argument("--images", type=int, default=8000, help="pretraining images (and the dense anchor's scenes)")
     parser.add_argument("--fashion-mnist", type=Path, default=DEFAULT_ROOT, help="folder of the four idx .gz files")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"], help="pretraining epochs of every run")
     anchors = ["random_init", "supervised_s0", "supervised_global_s0"]
