@@ -43,8 +43,9 @@ def main() -> None:
     cfg = checkpoint["config"]
     print(f"bundled-scenes probe mIoU: fp32 {fp32:.2f}, fp16 {fp16:.2f} -> stored as {'fp16' if keep_half else 'fp32'}")
     model.load_state_dict(half if keep_half else teacher.state_dict())
-    torch.manual_seed(0)
-    checks = {"": bundled_checks(model), "random_init_": bundled_checks(timm.create_model(ARCH).eval())}
+    torch.manual_seed(0)  # the random-init model tests/test_demo.py builds
+    random_init = timm.create_model(ARCH).eval()
+    checks = {"": bundled_checks(model), "random_init_": bundled_checks(random_init)}
     method = f"ADCLR ({cfg['num_queries']} queries)" if cfg["num_queries"] else "DINO"
     metrics = "\n".join(f"{prefix}{key} = {figures[key]:.2f}" for prefix, figures in checks.items()
                          for _, key in BUNDLED_CHECKS)
