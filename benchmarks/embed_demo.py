@@ -34,18 +34,21 @@ def main() -> None:
     teacher = load_teacher_backbone(checkpoint)
     model = timm.create_model(ARCH).eval()
     model.load_state_dict(teacher.state_dict())
-    fp32 = bundled_scenes_probe(model)["miou"]
+    fp32 = bundled_scenes_probe(model)
     half = {k: v.half() for k, v in model.state_dict().items()}
     model.load_state_dict(half)
-    fp16 = bundled_scenes_probe(model)["miou"]
-    keep_half = abs(fp16 - fp32) <= 0.5
+    fp16 = bundled_scenes_probe(model)
+    keep_half = abs(fp16["miou"] - fp32["miou"]) <= 0.5
     save_file(half if keep_half else teacher.state_dict(), TARGET, metadata={"format": "pt"})
     cfg = checkpoint["config"]
-    print(f"bundled-scenes probe mIoU: fp32 {fp32:.2f}, fp16 {fp16:.2f} -> stored as {'fp16' if keep_half else 'fp32'}")
-    model.load_state_dict(half if keep_half else teacher.state_dict())
+    print(f"bundled-scenes probe mIoU: fp32 {fp32['miou']:.2f}, fp16 {fp16['miou']:.2f} -> stored as "
+          f"{'fp16' if keep_half else 'fp32'}")
+    if not keep_half:
+        model.load_state_dict(teacher.state_dict())
     torch.manual_seed(0)  # the random-init model tests/test_demo.py builds
     random_init = timm.create_model(ARCH).eval()
-    checks = {"": bundled_checks(model), "random_init_": bundled_checks(random_init)}
+    checks = {"": bundled_checks(model, fp16 if keep_half else fp32),
+              "random_init_": bundled_checks(random_init, bundled_scenes_probe(random_init))}
     method = f"ADCLR ({cfg['num_queries']} queries)" if cfg["num_queries"] else "DINO"
     metrics = "\n".join(f"{prefix}{key} = {figures[key]:.2f}" for prefix, figures in checks.items()
                          for _, key in BUNDLED_CHECKS)
@@ -63,9 +66,8 @@ source = "benchmarks/study.py run {args.checkpoint.parent.name}; benchmarks/embe
 ''')
 
 
-def bundled_checks(model: torch.nn.Module) -> dict[str, float]:
-    """The figures `adclr demo` reports (`BUNDLED_CHECKS`) of one model."""
-    probe = bundled_scenes_probe(model)
+def bundled_checks(model: torch.nn.Module, probe: dict) -> dict[str, float]:
+    """The figures `adclr demo` reports (`BUNDLED_CHECKS`) of one model, given its bundled-scenes probe record."""
     return {"bundled_items_knn": bundled_items_knn(model)["top1"], "bundled_probe_fg_iou": probe["fg_iou"],
             "bundled_probe_miou": probe["miou"]}
 
