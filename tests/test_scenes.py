@@ -12,6 +12,11 @@ from adclr.scenes import (DEFAULT_ROOT, fashion_scenes, items_to_rgb, load_fashi
                           sample_layouts, write_item_sample, write_scene_sample)
 
 
+needs_fashion_mnist = pytest.mark.skipif(not (DEFAULT_ROOT / scenes.FILES["test"][0]).is_file(),
+                                         reason=f"Fashion-MNIST is not installed under {DEFAULT_ROOT} "
+                                                "(sudo apt-get install dataset-fashion-mnist)")
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """The idx encoding written out by hand: 0, 0, type code 0x08 (uint8), ndim, big-endian dims, then the data."""
     assert array.dtype == np.uint8
@@ -190,18 +195,15 @@ def test_write_item_sample_interleaves_the_first_items_of_each_class(tmp_path, f
         write_item_sample(tmp_path, per_class=200, split="test", root=fake_root)
 
 
+@needs_fashion_mnist
 def test_bundled_item_sample_is_what_write_item_sample_writes(tmp_path):
-    if not (DEFAULT_ROOT / scenes.FILES["test"][0]).is_file():
-        pytest.skip(f"Fashion-MNIST is not installed under {DEFAULT_ROOT}")
     from importlib import resources
     with resources.as_file(resources.files("adclr.assets") / "fashion-items-test-1000.npz") as shipped, \
             np.load(shipped) as bundled, np.load(write_item_sample(tmp_path)) as fresh:
         assert all(np.array_equal(bundled[k], fresh[k]) for k in ("items", "labels"))
 
 
-@pytest.mark.skipif(not (DEFAULT_ROOT / scenes.FILES["test"][0]).is_file(),
-                    reason=f"Fashion-MNIST is not installed under {DEFAULT_ROOT} "
-                           "(sudo apt-get install dataset-fashion-mnist)")
+@needs_fashion_mnist
 def test_real_fashion_mnist(tmp_path):
     images, labels = load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
