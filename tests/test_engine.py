@@ -277,6 +277,13 @@ def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_pa
     assert saved["out_dim"] == 64 and saved["head_hidden_dim"] == 32  # the command line over the preset
 
 
+def test_teacher_momentum_follows_its_cosine_to_the_configured_end(photo_folder, tmp_path):
+    train(_cfg(photo_folder, tmp_path, momentum_teacher=0.9, momentum_teacher_end=0.95))
+    momentum = [r["momentum"] for r in _records(tmp_path) if "epoch_end" not in r]
+    assert len(momentum) == 8 and momentum[0] == pytest.approx(0.9)
+    assert all(a < b for a, b in zip(momentum, momentum[1:])) and 0.945 < momentum[-1] < 0.95  # never past the end
+
+
 def _records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 

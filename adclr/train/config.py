@@ -83,6 +83,9 @@ class TrainConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
+    momentum_teacher_end: float = field(default=1.0, metadata={
+        "help": "teacher momentum at the end of its cosine (1: the teacher freezes as training ends, DINO's choice "
+                "for long runs)"})
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
     drop_path: float = 0.1

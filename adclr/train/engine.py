@@ -126,7 +126,7 @@ class Trainer:
         batch = cfg.batch_size * self.world
         self.lr = cosine_schedule(cfg.lr * batch / 256, cfg.min_lr, cfg.epochs, iters, cfg.warmup_epochs)
         self.wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, iters)
-        self.momentum = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, iters)
+        self.momentum = cosine_schedule(cfg.momentum_teacher, cfg.momentum_teacher_end, cfg.epochs, iters)
         self.teacher_temp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
                                                   cfg.warmup_teacher_temp_epochs, cfg.epochs, iters)
         self.epoch, self.step = 0, 0
