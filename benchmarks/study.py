@@ -1,8 +1,8 @@
 """Small-scale study v2: does the training learn, and what do ADCLR's queries add? (CPU-sized; see RESULTS.md)
 
 Pretraining data (--pretraining): unlabelled 64 px images from Fashion-MNIST's train split, one of `PRETRAINING`:
-plain items (gray on black; the default, 8000 of them), scenes (2-4 tinted items over textured backgrounds) or item
-scenes (one tinted item over a textured background). Every run trains the same `adclr_vit_mini_patch8` (width 192,
+plain items (gray on black; the default, 8000 of them), scenes (2-4 tinted items over textured backgrounds), item
+scenes (one tinted item over a textured background) or both plain items and scenes, half each (mixed). Every run trains the same `adclr_vit_mini_patch8` (width 192,
 6 blocks, patch 8: an 8x8 token grid) with the `small` preset for the same number of steps (default 10 epochs = 1250),
 then scores the teacher backbone on frozen features:
   global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
@@ -66,7 +66,8 @@ SUPERVISED_ITEMS_SEED = 11
 #: Unlabelled pretraining sets, 64 px, all from the train split (--pretraining picks one).
 PRETRAINING = {"scenes": "2-4 tinted items over a textured background (`fashion_scenes`)",
                "item_scenes": "one tinted item over a textured background (`item_scenes`, their own layouts)",
-               "items": "plain items, gray on black (train items the probes do not use)"}
+               "items": "plain items, gray on black (train items the probes do not use)",
+               "mixed": "half plain items, half scenes, interleaved"}
 PRETRAINING_ITEMS_SEED, PRETRAINING_ITEMS_FROM = 7, 10_000
 #: The most epochs a timed run (--budget-minutes) may choose; its first epoch is laid out as the first of this many.
 MAX_TIMED_EPOCHS = 200
@@ -79,6 +80,11 @@ def pretraining_images(kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> np.nda
         return fashion_scenes("train", n, root=fmnist)[0]
     if kind == "item_scenes":
         return item_scenes("train", n, root=fmnist, seed=PRETRAINING_ITEMS_SEED)[0]
+    if kind == "mixed":
+        mixed = np.empty((n, 64, 64, 3), np.uint8)
+        mixed[0::2] = pretraining_images("items", (n + 1) // 2, fmnist)
+        mixed[1::2] = pretraining_images("scenes", n // 2, fmnist)
+        return mixed
     items = load_fashion_mnist("train", fmnist)[0][PRETRAINING_ITEMS_FROM:]
     if n > len(items):
         raise SystemExit(f"--images {n}: the train split has {len(items)} items after the probes' ones")
