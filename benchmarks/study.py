@@ -63,32 +63,44 @@ EVAL = dict(items_train=5000, items_test=1000, scenes_train=1000, scenes_test=30
 QUICK_EVAL = dict(items_train=400, items_test=100, scenes_train=64, scenes_test=32)  # --quick: a smoke run only
 #: `item_scenes` layouts of the global supervised anchor's training items (the probes use the split's default seed).
 SUPERVISED_ITEMS_SEED = 11
-#: Unlabelled pretraining sets, 64 px, all from the train split (--pretraining picks one).
-PRETRAINING = {"scenes": "2-4 tinted items over a textured background (`fashion_scenes`)",
-               "item_scenes": "one tinted item over a textured background (`item_scenes`, their own layouts)",
-               "items": "plain items, gray on black (train items the probes do not use)",
-               "mixed": "half plain items, half scenes, interleaved"}
 PRETRAINING_ITEMS_SEED, PRETRAINING_ITEMS_FROM = 7, 10_000
 #: The most epochs a timed run (--budget-minutes) may choose; its first epoch is laid out as the first of this many.
 MAX_TIMED_EPOCHS = 200
 GATES = dict(knn_points=15.0, fg_iou_points=5.0, cls_over_ln_k=0.8)
 
 
-def pretraining_images(kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> np.ndarray:
-    """``n`` unlabelled 64 px pretraining images of one `PRETRAINING` kind, uint8 (n, 64, 64, 3); deterministic."""
-    if kind == "scenes":
-        return fashion_scenes("train", n, root=fmnist)[0]
-    if kind == "item_scenes":
-        return item_scenes("train", n, root=fmnist, seed=PRETRAINING_ITEMS_SEED)[0]
-    if kind == "mixed":
-        mixed = np.empty((n, 64, 64, 3), np.uint8)
-        mixed[0::2] = pretraining_images("items", (n + 1) // 2, fmnist)
-        mixed[1::2] = pretraining_images("scenes", n // 2, fmnist)
-        return mixed
+def _scenes(n: int, fmnist: Path) -> np.ndarray:
+    """2-4 tinted items over a textured background (`fashion_scenes`)"""
+    return fashion_scenes("train", n, root=fmnist)[0]
+
+
+def _item_scenes(n: int, fmnist: Path) -> np.ndarray:
+    """one tinted item over a textured background (`item_scenes`, their own layouts)"""
+    return item_scenes("train", n, root=fmnist, seed=PRETRAINING_ITEMS_SEED)[0]
+
+
+def _items(n: int, fmnist: Path) -> np.ndarray:
+    """plain items, gray on black (train items the probes do not use)"""
     items = load_fashion_mnist("train", fmnist)[0][PRETRAINING_ITEMS_FROM:]
     if n > len(items):
         raise SystemExit(f"--images {n}: the train split has {len(items)} items after the probes' ones")
     return items_to_rgb(items[:n], 64)
+
+
+def _mixed(n: int, fmnist: Path) -> np.ndarray:
+    """half plain items, half scenes, interleaved"""
+    mixed = np.empty((n, 64, 64, 3), np.uint8)
+    mixed[0::2], mixed[1::2] = _items((n + 1) // 2, fmnist), _scenes(n // 2, fmnist)
+    return mixed
+
+
+#: Unlabelled pretraining sets, 64 px, all from the train split (--pretraining picks one; the docstrings describe them).
+PRETRAINING = {"scenes": _scenes, "item_scenes": _item_scenes, "items": _items, "mixed": _mixed}
+
+
+def pretraining_images(kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> np.ndarray:
+    """``n`` unlabelled 64 px pretraining images of one `PRETRAINING` kind, uint8 (n, 64, 64, 3); deterministic."""
+    return PRETRAINING[kind](n, fmnist)
 
 
 def write_pretraining_folder(root: Path, kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> Path:
@@ -286,7 +298,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
     parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="items",
                         help="the unlabelled pretraining set; "
-                             + "; ".join(f"{k}: {v}" for k, v in PRETRAINING.items()))
+                             + "; ".join(f"{k}: {v.__doc__}" for k, v in PRETRAINING.items()))
     parser.add_argument("--images", type=int, default=8000, help="pretraining images (and the dense anchor's scenes)")
     parser.add_argument("--fashion-mnist", type=Path, default=DEFAULT_ROOT, help="folder of the four idx .gz files")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"], help="pretraining epochs of every run")
