@@ -152,17 +152,18 @@ def pretrain(name: str, args: argparse.Namespace, data_dir: Path,
     """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone, record."""
     settings = RUNS[name] | {"epochs": args.epochs, "workers": args.workers}
     cfg = TrainConfig(data=str(data_dir), output=str(args.runs_dir / name), **{**BASE, **settings})
-    start = time.perf_counter()
     run_dir = args.runs_dir / name
     trainer = Trainer(cfg, resume=(run_dir / CHECKPOINT_NAME).exists())  # an interrupted run continues
     teacher = trainer.fit(until_epoch)
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [e for e in epochs if "epoch_end" in e][-1]
+    ends = [e for e in epochs if "epoch_end" in e]
+    last = ends[-1]
     log_k = math.log(cfg.out_dim)
     losses = {f"{term}_over_ln_k": last[term] / log_k for term in ("cls", "query") if last.get(term)}
     losses |= {k: v for k, v in last.items() if "entropy" in k or k.endswith("_kl")}
     return teacher.backbone, {"config": cfg.to_dict(), "steps": trainer.step,
-                              "train_seconds": round(time.perf_counter() - start, 1), "final_loss": losses}
+                              "train_seconds": round(sum(e["seconds"] for e in ends), 1),
+                              "final_loss": losses}
 
 
 def _train_supervised(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, batch_size: int,
