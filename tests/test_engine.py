@@ -274,6 +274,7 @@ def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_pa
           "--batch-size", "4", "--epochs", "1", "--workers", "0"])
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["teacher_temp"] == 0.02 and saved["freeze_last_layer"] == 0 and saved["momentum_teacher"] == 0.99
+    assert saved["momentum_teacher_end"] == 0.99 and saved["min_lr"] == 5e-4  # a short run's teacher keeps following
     assert saved["out_dim"] == 64 and saved["head_hidden_dim"] == 32  # the command line over the preset
 
 
