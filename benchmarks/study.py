@@ -2,9 +2,9 @@
 
 Pretraining data (--pretraining): unlabelled 64 px images from Fashion-MNIST's train split, one of `PRETRAINING`:
 plain items (gray on black; the default, 8000 of them), scenes (2-4 tinted items over textured backgrounds), item
-scenes (one tinted item over a textured background) or both plain items and scenes, half each (mixed). Every run trains the same `adclr_vit_mini_patch8` (width 192,
-6 blocks, patch 8: an 8x8 token grid) with the `small` preset for the same number of steps (default 10 epochs = 1250),
-then scores the teacher backbone on frozen features:
+scenes (one tinted item over a textured background) or plain items and scenes, half each (mixed). Every run trains the
+same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token grid) with the `small` preset for the same
+number of steps (default 10 epochs = 1250), then scores the teacher backbone on frozen features:
   global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
           item over a textured background, `adclr.scenes.item_scenes`);
   dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
