@@ -83,19 +83,32 @@ def _items(n: int, fmnist: Path) -> np.ndarray:
     """plain items, gray on black (train items the probes do not use)"""
     items = load_fashion_mnist("train", fmnist)[0][PRETRAINING_ITEMS_FROM:]
     if n > len(items):
-        raise SystemExit(f"--images {n}: the train split has {len(items)} items after the probes' ones")
+        raise SystemExit(f"{n} plain items asked for, but the train split has {len(items)} after the probes' ones: "
+                         "lower --images")
     return items_to_rgb(items[:n], 64)
+
+
+def _items_and_scenes(n: int, fmnist: Path, scene_every: int) -> np.ndarray:
+    """Plain items with a scene in every ``scene_every``-th place."""
+    mixed = np.empty((n, 64, 64, 3), np.uint8)
+    is_scene = np.arange(n) % scene_every == scene_every - 1
+    mixed[~is_scene], mixed[is_scene] = _items(int((~is_scene).sum()), fmnist), _scenes(int(is_scene.sum()), fmnist)
+    return mixed
 
 
 def _mixed(n: int, fmnist: Path) -> np.ndarray:
     """half plain items, half scenes, interleaved"""
-    mixed = np.empty((n, 64, 64, 3), np.uint8)
-    mixed[0::2], mixed[1::2] = _items((n + 1) // 2, fmnist), _scenes(n // 2, fmnist)
-    return mixed
+    return _items_and_scenes(n, fmnist, scene_every=2)
+
+
+def _mostly_items(n: int, fmnist: Path) -> np.ndarray:
+    """three plain items to one scene, interleaved"""
+    return _items_and_scenes(n, fmnist, scene_every=4)
 
 
 #: Unlabelled pretraining sets, 64 px, all from the train split (--pretraining picks one; the docstrings describe them).
-PRETRAINING = {"scenes": _scenes, "item_scenes": _item_scenes, "items": _items, "mixed": _mixed}
+PRETRAINING = {"scenes": _scenes, "item_scenes": _item_scenes, "items": _items, "mixed": _mixed,
+               "mostly_items": _mostly_items}
 
 
 def pretraining_images(kind: str, n: int, fmnist: Path = DEFAULT_ROOT) -> np.ndarray:
@@ -147,23 +160,43 @@ def score(backbone: nn.Module, data: dict) -> dict[str, float]:
     return out | {"miou": seg["miou"], "fg_iou": seg["fg_iou"]}
 
 
-def pretrain(name: str, args: argparse.Namespace, data_dir: Path,
-             until_epoch: int | None = None) -> tuple[nn.Module, dict]:
-    """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone, record."""
+def _epoch_ends(run_dir: Path) -> list[dict]:
+    """The per-epoch summaries of a run's metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if "epoch_end" in record]
+
+
+def _loss_terms(epoch_end: dict, log_k: float) -> dict[str, float]:
+    """One epoch's [CLS] and query terms over ln K and its collapse diagnostics."""
+    terms = {f"{term}_over_ln_k": epoch_end[term] / log_k for term in ("cls", "query") if epoch_end.get(term)}
+    return terms | {k: v for k, v in epoch_end.items() if "entropy" in k or k.endswith("_kl")}
+
+
+def pretrain(name: str, args: argparse.Namespace, data_dir: Path, until_epoch: int | None = None,
+             data: dict | None = None) -> tuple[nn.Module, dict]:
+    """Train (or continue) run ``name`` with the command line's epochs and workers -> its teacher backbone, record.
+    Given the evaluation ``data`` and --eval-every K, the teacher is also scored after every K-th epoch before the
+    last (the record's "curve"; a resumed run's curve starts where it resumed). Scoring draws from no global random
+    state, so it leaves the training as it would be without it."""
     settings = RUNS[name] | {"epochs": args.epochs, "workers": args.workers}
     cfg = TrainConfig(data=str(data_dir), output=str(args.runs_dir / name), **{**BASE, **settings})
     run_dir = args.runs_dir / name
     trainer = Trainer(cfg, resume=(run_dir / CHECKPOINT_NAME).exists())  # an interrupted run continues
-    teacher = trainer.fit(until_epoch)
-    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ends = [e for e in epochs if "epoch_end" in e]
-    last = ends[-1]
     log_k = math.log(cfg.out_dim)
-    losses = {f"{term}_over_ln_k": last[term] / log_k for term in ("cls", "query") if last.get(term)}
-    losses |= {k: v for k, v in last.items() if "entropy" in k or k.endswith("_kl")}
-    return teacher.backbone, {"config": cfg.to_dict(), "steps": trainer.step,
-                              "train_seconds": round(sum(e["seconds"] for e in ends), 1),
-                              "final_loss": losses}
+    every = args.eval_every if data is not None else 0
+    stops = [e for e in range(every, cfg.epochs, every) if e > trainer.epoch] if every else []
+    curve = []
+    for epoch in stops:
+        backbone = trainer.fit(epoch).backbone
+        point = {"epoch": epoch, "step": trainer.step, **_loss_terms(_epoch_ends(run_dir)[-1], log_k),
+                 **score(backbone, data)}
+        logging.info("%s after epoch %d: %s", name, epoch, json.dumps(point))
+        curve.append(point)
+    teacher = trainer.fit(until_epoch)
+    ends = _epoch_ends(run_dir)
+    record = {"config": cfg.to_dict(), "steps": trainer.step, "train_seconds": round(sum(e["seconds"] for e in ends), 1),
+              "final_loss": _loss_terms(ends[-1], log_k)}
+    return teacher.backbone, record | ({"curve": curve} if curve else {})
 
 
 def _train_supervised(images: np.ndarray, labels: np.ndarray, steps: int, seed: int, batch_size: int,
@@ -311,6 +344,8 @@ def main() -> None:
                         help="train every pretraining run at once, one process each, for the whole epochs that fit in "
                              "this wall time (measured on the first epoch; overrides --epochs), then score them")
     parser.add_argument("--workers", type=int, default=BASE["workers"], help="data loader workers per run")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="K",
+                        help="also score each pretraining run's teacher after every K-th epoch (its JSON's curve)")
     parser.add_argument("--quick", action="store_true", help="score on small evaluation subsets: a smoke run, its "
                                                                  "figures mean nothing")
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a --budget-minutes child
@@ -318,6 +353,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         parser.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.eval_every < 0:
+        parser.error(f"--eval-every must be 0 (off) or a positive number of epochs, got {args.eval_every}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
@@ -352,7 +389,7 @@ def main() -> None:
             record = {"run": name, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
                       "final": score(backbone, data)}
         else:
-            backbone, info = pretrain(name, args, data_dir)
+            backbone, info = pretrain(name, args, data_dir, data=data)
             record = {"run": name, "pretraining": {"set": args.pretraining, "images": args.images}, **info, **timed,
                       "final": score(backbone, data)}
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
