@@ -135,4 +135,5 @@ def test_network_computes_the_last_layer_weight_once_per_forward_with_unchanged_
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 2
     for name, grad in gradients[0].items():
-        torch.testing.assert_close(grad, gradients[1][name], atol=1e-6, rtol=1e-5)
+        # one matmul over all rows sums the weight gradient in another order: fp32 rounding of the largest entry
+        torch.testing.assert_close(grad, gradients[1][name], atol=1e-6 * grad.abs().max().item(), rtol=1e-5)

@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 from timm.models import VisionTransformer
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ..load import create_vit
 from .heads import DINOHead
@@ -34,37 +33,35 @@ class SSLNetwork(nn.Module):
         'patch' (B, N, K) per global view when `patch_outputs`; and 'embedding', the backbone's [CLS] (B, C) per global
         view (for KoLeo). `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT).
 
-        The head's weight-normed last layer (65536 x 256 at DINO's size) is computed once per call and shared by every
-        head use ([CLS], queries, patches, local crops), and so is its backward: not once per use."""
-        with parametrize.cached():
-            return self._forward(global_views, queries, local_views, masks=masks, query_attends=query_attends,
-                                 query_pos=query_pos, bidirectional_ablation=bidirectional_ablation,
-                                 local_queries=local_queries, patch_outputs=patch_outputs)
-
-    def _forward(self, global_views: Sequence[Tensor], queries: Tensor | None, local_views: Sequence[Tensor], *,
-                 masks: Sequence[Tensor] | None, query_attends: str, query_pos: str, bidirectional_ablation: bool,
-                 local_queries: bool, patch_outputs: bool) -> dict[str, list[Tensor]]:
+        Every head use ([CLS], queries, patches, local crops) goes through one head call: each layer is one matmul
+        over all rows, so the weight-normed last layer (65536 x 256 at DINO's size) and its weight gradient are built
+        once per step, not once per use."""
         n_global = len(global_views)
         query_kw = dict(query_attends=query_attends, query_pos=query_pos, bidirectional_ablation=bidirectional_ablation)
-        images = torch.cat(list(global_views))
         patch_mask = None if masks is None else torch.cat(list(masks))
         view_queries = None if queries is None else queries.repeat(n_global, 1, 1, 1, 1)
-        tokens, query_tokens = self._tokens(images, view_queries, patch_mask=patch_mask, **query_kw)
+        tokens, query_tokens = self._tokens(torch.cat(list(global_views)), view_queries, patch_mask=patch_mask,
+                                            **query_kw)
         embedding = self.backbone.forward_head(tokens, pre_logits=True)
-        out = {"cls": list(self.head(embedding).chunk(n_global)), "embedding": list(embedding.chunk(n_global)),
-               "query": [], "patch": []}
-        if query_tokens is not None:
-            out["query"] = list(self.head(query_tokens).chunk(n_global))
-        if patch_outputs:
-            out["patch"] = list(self.head(tokens[:, self.backbone.num_prefix_tokens:]).chunk(n_global))
+        patches = tokens[:, self.backbone.num_prefix_tokens:] if patch_outputs else None
+        uses = [("cls", n_global, embedding), ("query", n_global, query_tokens), ("patch", n_global, patches)]
         if local_views:
             n_local = len(local_views)
             local_q = queries.repeat(n_local, 1, 1, 1, 1) if (local_queries and queries is not None) else None
             tokens, query_tokens = self._tokens(torch.cat(list(local_views)), local_q, **query_kw)
-            out["cls"] += list(self.head(self.backbone.forward_head(tokens, pre_logits=True)).chunk(n_local))
-            if query_tokens is not None:
-                out["query"] += list(self.head(query_tokens).chunk(n_local))
+            uses += [("cls", n_local, self.backbone.forward_head(tokens, pre_logits=True)),
+                     ("query", n_local, query_tokens)]
+        uses = [use for use in uses if use[2] is not None]
+        out = {"cls": [], "query": [], "patch": [], "embedding": list(embedding.chunk(n_global))}
+        for (name, n_views, _), outputs in zip(uses, self._head([x for *_, x in uses])):
+            out[name] += outputs.chunk(n_views)
         return out
+
+    def _head(self, inputs: list[Tensor]) -> list[Tensor]:
+        """The head over every input (..., C) at once -> (..., K) each."""
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+        outputs = self.head(rows).split([x[..., 0].numel() for x in inputs])
+        return [y.reshape(*x.shape[:-1], y.shape[-1]) for x, y in zip(inputs, outputs)]
 
     def _tokens(self, images: Tensor, queries: Tensor | None, patch_mask: Tensor | None = None,
                 **query_kw) -> tuple[Tensor, Tensor | None]:
