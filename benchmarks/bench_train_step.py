@@ -3,7 +3,8 @@
 Part 1, the full step: a real `Trainer` (student, EMA teacher, DINO head, `ADCLRLoss`, AdamW, clipping, schedules)
 runs its `train_step` on one fixed synthetic batch shaped like `collate_multicrop`'s output, with `num_queries = r`
 (ADCLR) and `num_queries = 0` (DINO: the step then runs plain `forward_features` and no query loss). The Trainer needs
-an image folder, so a tiny one is written to a temp dir; it is never read during the timed steps.
+an image folder, so a tiny one is written to a temp dir; it is never read during the timed steps. One more, untimed
+step per configuration counts its FLOPs: their ratio is the floor of the time ratio at equal efficiency.
 
 Part 2, the backbone alone (forward + backward of the 2 global views, drop_path 0): plain `forward_features`,
 `forward_with_queries` (the query path), and the same tokens through timm's own `Block.forward` with the one-way mask
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 import adclr  # noqa: F401  registers the adclr_vit_* archs with timm
 from adclr.queries import embed_queries, forward_with_queries, one_way_attention_mask
@@ -172,6 +174,8 @@ def worker(spec: dict) -> None:
         return
     seconds, last = alternate(fns, spec["device"], spec["warmup"], spec["repeats"])
     result = {"seconds": seconds}
+    if spec["part"] == "step":
+        result["flops"] = {name: count_flops(fn) for name, fn in fns.items()}
     if spec["part"] == "backbone":  # max |difference| of the paths' outputs
         out = {path: [t.float().cpu() for t in tokens] for path, tokens in last.items()}
         (image, query), plain, timm_blocks = out["queries"], out["plain"], out["timm_blocks"]
@@ -179,6 +183,14 @@ def worker(spec: dict) -> None:
                             "query path vs timm blocks, image tokens": (image - timm_blocks[0]).abs().max().item(),
                             "query path vs timm blocks, query tokens": (query - timm_blocks[1]).abs().max().item()}
     write_result(spec, result)
+
+
+def count_flops(fn: Callable) -> int:
+    """FLOPs of one call as torch's FlopCounterMode counts them (matmuls, convolutions, attention; no elementwise
+    ops): the work a time ratio cannot go below unless the step does less of it."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def paired_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:
@@ -198,11 +210,15 @@ def run_part(common: dict, part: str, configs: tuple[str, ...], base: str) -> tu
                                          label=f"{part} {config} memory"))
         figures[config] = {"median_s": statistics.median(seconds[config]), "seconds": seconds[config],
                            "total_mib": peak["total_mib"], "work_mib": peak["work_mib"]}
+        if "flops" in timed:
+            figures[config]["gflop"] = timed["flops"][config] / 1e9
         print(f"  done: {part} {config} memory", flush=True)
     for config in configs:
         ratios[config] = {"time": paired_ratio(seconds, config, base),
                           "total_mem": ratio(figures[config]["total_mib"], figures[base]["total_mib"]),
                           "work_mem": ratio(figures[config]["work_mib"], figures[base]["work_mib"])}
+        if "flops" in timed:
+            ratios[config]["flops"] = ratio(timed["flops"][config], timed["flops"][base])
     return figures, ratios, timed.get("checks", {})
 
 
@@ -260,13 +276,14 @@ def main(args: argparse.Namespace) -> int:
         backbone, backbone_ratios, checks = run_part(common, "backbone", BACKBONE_PATHS, "plain")
 
     print("\nfull training step (Trainer.train_step)")
-    print(table(["config", "ms/step", "img/s", "total MiB", "work MiB"],
-                [[name, 1e3 * s["median_s"], args.batch / s["median_s"], s["total_mib"], s["work_mib"]]
+    print(table(["config", "ms/step", "img/s", "GFLOP", "total MiB", "work MiB"],
+                [[name, 1e3 * s["median_s"], args.batch / s["median_s"], s["gflop"], s["total_mib"], s["work_mib"]]
                  for name, s in steps.items()]))
     step_ratio = step_ratios["ADCLR"]
     met = step_ratio["time"] <= STEP_TARGET and step_ratio["total_mem"] <= STEP_TARGET
     print(f"\nADCLR / DINO: time {step_ratio['time']:.3f}x (median of per-round ratios), total memory "
-          f"{step_ratio['total_mem']:.3f}x, work memory {step_ratio['work_mem']:.3f}x")
+          f"{step_ratio['total_mem']:.3f}x, work memory {step_ratio['work_mem']:.3f}x; FLOPs {step_ratio['flops']:.3f}x "
+          "(the time ratio's floor at equal efficiency)")
     print(f"target (time and total memory <= {STEP_TARGET}x DINO): {'met' if met else 'NOT met'}")
 
     failed, backbone_met = [], None
