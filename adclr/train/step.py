@@ -80,6 +80,7 @@ class TrainStep:
             student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=self.local_queries,
                                        patch_outputs=masks is not None, **self._queries())
             terms = self.loss.from_outputs(student, teacher, teacher_temp, masks)
+            del teacher  # its head outputs (B x r x K per view for the queries) are not needed by the backward
             if self.koleo_weight:
                 terms["koleo"] = koleo_over_views(student["embedding"])
                 terms["loss"] = terms["loss"] + self.koleo_weight * terms["koleo"]
