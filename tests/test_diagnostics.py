@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from adclr.train import losses
 from adclr.train.diagnostics import collapse_state, entropy, read_back
 from adclr.train.losses import ADCLRLoss, DINOClsLoss
 
@@ -19,7 +20,10 @@ def test_entropy_of_uniform_and_one_hot():
     assert entropy(torch.nn.functional.one_hot(torch.tensor(3), K).double()).item() == 0.0
 
 
-def test_cls_loss_stats_match_an_explicit_reference():
+@pytest.mark.parametrize("block", [None, 2 * K])  # the loss's default; softmaxes over 2 rows and a short last block
+def test_cls_loss_stats_match_an_explicit_reference(block, monkeypatch):
+    if block:
+        monkeypatch.setattr(losses, "SOFTMAX_BLOCK", block)
     torch.manual_seed(0)
     student = [torch.randn(5, K, dtype=torch.float64) for _ in range(3)]
     teacher = [torch.randn(5, K, dtype=torch.float64) for _ in range(2)]

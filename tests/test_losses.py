@@ -4,6 +4,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import _free_port
 
+from adclr.train import losses
 from adclr.train.losses import ADCLRLoss, DINOClsLoss, IBOTPatchLoss, QueryLoss
 
 K = 32
@@ -123,8 +124,11 @@ def plain_cross_view_ce(student, teacher, center, t_temp):
     return sum(pairs) / len(pairs)
 
 
-@pytest.mark.parametrize("views, k", [(2, 65536), (5, 256)])  # DINO's prototype count; queries on 3 local crops too
-def test_query_loss_and_its_gradient_in_fp32_match_the_per_pair_formula(views, k):
+# DINO's prototype count; queries on 3 local crops too; softmaxes over blocks of 3 rows and a short last block
+@pytest.mark.parametrize("views, k, block", [(2, 65536, None), (5, 256, None), (2, 65536, 3 * 65536)])
+def test_query_loss_and_its_gradient_in_fp32_match_the_per_pair_formula(views, k, block, monkeypatch):
+    if block:
+        monkeypatch.setattr(losses, "SOFTMAX_BLOCK", block)
     torch.manual_seed(10)
     loss_fn = QueryLoss(k)
     loss_fn.center.copy_(torch.randn(1, k) * 0.05)

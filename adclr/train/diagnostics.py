@@ -45,19 +45,19 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_stats(teacher_probs: Sequence[torch.Tensor], teacher_log_probs: Sequence[torch.Tensor],
+def teacher_stats(teacher_probs: Sequence[torch.Tensor], entropy_sum: torch.Tensor,
                   cross_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean row entropy, batch-mean entropy and teacher->student KL of one loss term, as 0-dim tensors.
 
-    `cross_entropy` is the term's value, the mean over rows and view pairs of -sum p log q; every teacher view is
-    paired with the same number of student views, so its KL part is that minus the teacher's mean row entropy. The
-    mean row entropy is one dot product per view of the probabilities with the log-probabilities (no full-size
-    temporary); the figures stay on the device until `read_back`.
+    `entropy_sum` is the sum of the teacher rows' entropies (the loss computes it with the probabilities, from the
+    logits). `cross_entropy` is the term's value, the mean over rows and view pairs of -sum p log q; every teacher view
+    is paired with the same number of student views, so its KL part is that minus the teacher's mean row entropy. The
+    figures stay on the device until `read_back`.
     """
     rows = sum(p.numel() // p.shape[-1] for p in teacher_probs)
     if rows == 0:
         return {}
-    mean_entropy = -sum(dot(p.float(), log_p.float()) for p, log_p in zip(teacher_probs, teacher_log_probs)) / rows
+    mean_entropy = entropy_sum.float() / rows
     batch_mean = sum(p.reshape(-1, p.shape[-1]).sum(0, dtype=torch.float32) for p in teacher_probs) / rows
     return {"teacher_entropy": mean_entropy, "batch_entropy": entropy(batch_mean),
             "kl": cross_entropy.detach().float() - mean_entropy}

@@ -21,6 +21,27 @@ from .diagnostics import dot, teacher_stats
 from .sinkhorn import sinkhorn_knopp
 
 
+#: Elements per block of rows in the softmaxes over full-size rows (16 MiB in fp32; 64 rows of DINO's 65536
+#: prototypes): no full-size temporary is made.
+SOFTMAX_BLOCK = 2 ** 22
+
+
+def _blocks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t``'s rows (all leading dims folded) in blocks of about `SOFTMAX_BLOCK` elements; views when ``t`` is
+    contiguous."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows.split(max(1, SOFTMAX_BLOCK // t.shape[-1]))
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Elementwise sum; the tensor itself (no copy) when there is one, None when there is none."""
+    return functools.reduce(torch.add, tensors) if tensors else None
+
+
 class _CenteredDistillation(nn.Module):
     """Center buffer, teacher/student distributions and the distributed center EMA shared by all losses."""
 
@@ -41,26 +62,33 @@ class _CenteredDistillation(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}
 
     def teacher_distribution(self, teacher: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, log-probabilities) of the centered, sharpened teacher; never a gradient path.
+        """(probabilities, the sum of their rows' entropies) of the centered, sharpened teacher; never a gradient path.
 
-        Both, because the loss reads the probabilities and the diagnostics' entropy the log-probabilities: a second
-        softmax pass instead of a clamp, a log and a product over every full-size teacher row. Not `log_probs.exp()`:
-        a sharp teacher's log-probabilities underflow to subnormals there, which makes that exp several times slower.
+        Block by block of rows: a block's logits and log-probabilities exist only while its probabilities and
+        entropies are computed, so the probabilities are the one full-size tensor made. Entropies from log_softmax, not
+        from the probabilities' log: a sharp teacher's probabilities underflow, their log does not.
         """
-        logits = (teacher.detach() - self.center).div_(teacher_temp)
-        return F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
+        rows = teacher.detach().reshape(-1, self.out_dim)
+        probs = torch.empty(rows.shape, dtype=torch.promote_types(rows.dtype, self.center.dtype), device=rows.device)
+        entropy = rows.new_zeros((), dtype=torch.float32)
+        for t, p in zip(_blocks(rows), _blocks(probs)):
+            logits = (t - self.center).div_(teacher_temp)
+            p.copy_(F.softmax(logits, dim=-1))
+            entropy -= dot(p.float(), F.log_softmax(logits, dim=-1).float())
+        return probs.reshape(teacher.shape), entropy
 
     def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float
-                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(probabilities, log-probabilities) per view, (..., K) each like the view. With a center, view by view; with
-        Sinkhorn-Knopp, the rows of every view (and process) are balanced together, as DINOv2 balances its crops."""
+                              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(probabilities per view, (..., K) each like the view; the sum of all rows' entropies). With a center, view by
+        view; with Sinkhorn-Knopp, the rows of every view (and process) are balanced together, as DINOv2 balances its
+        crops."""
         if self.centering == "center":
             pairs = [self.teacher_distribution(t, teacher_temp) for t in teacher_views]
-            return [p for p, _ in pairs], [log_p for _, log_p in pairs]
+            return [p for p, _ in pairs], sum(h for _, h in pairs)
         rows = torch.cat([t.reshape(-1, self.out_dim) for t in teacher_views])
         probs = sinkhorn_knopp(rows, teacher_temp).split([t.numel() // self.out_dim for t in teacher_views])
-        probs = [p.reshape(t.shape) for p, t in zip(probs, teacher_views)]
-        return probs, [p.clamp_min(torch.finfo(p.dtype).tiny).log() for p in probs]
+        entropy = -sum(dot(b, b.clamp_min(torch.finfo(b.dtype).tiny).log()) for p in probs for b in _blocks(p))
+        return [p.reshape(t.shape) for p, t in zip(probs, teacher_views)], entropy
 
     def student_log_probs(self, student: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(student / self.student_temp, dim=-1)
@@ -121,36 +149,32 @@ def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequen
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """``-targets . log_softmax(logits / temp)`` summed over all rows, with a backward that keeps no log-probabilities.
+    """``-targets . log_softmax(logits / temp)`` summed over all rows, without a full-size temporary.
 
     Autograd through log_softmax would save the full-size log-probabilities and build three full-size gradients in
-    turn (of the product, of log_softmax, of the division). Here the backward recomputes the softmax from the logits,
-    which the network's output dict holds anyway, into one buffer and finishes the gradient in place:
-    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. Softmaxes run in fp32 at least, as
-    under autocast.
+    turn (of the product, of log_softmax, of the division). Here both passes run over blocks of rows (`SOFTMAX_BLOCK`
+    elements): the forward keeps only the sum, and the backward recomputes each block's softmax from the logits, which
+    the network's output dict holds anyway, straight into the gradient and finishes it in place:
+    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. Softmaxes run in fp32 at least, as under
+    autocast.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
         ctx.save_for_backward(logits, targets)
         ctx.temp = temp
-        return -dot(targets, F.log_softmax(logits / temp, dim=-1, dtype=_at_least_fp32(logits)))
+        dtype = _at_least_fp32(logits)
+        blocks = zip(_blocks(logits), _blocks(targets))
+        return -sum(dot(t, F.log_softmax(s / temp, dim=-1, dtype=dtype)) for s, t in blocks)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets = ctx.saved_tensors
-        grad_logits = F.softmax(logits / ctx.temp, dim=-1, dtype=_at_least_fp32(logits))
-        grad_logits.mul_(targets.sum(-1, keepdim=True)).sub_(targets).mul_(grad / ctx.temp)
+        grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
+        for s, t, g in zip(_blocks(logits), _blocks(targets), _blocks(grad_logits)):
+            g.copy_(F.softmax(s / ctx.temp, dim=-1, dtype=g.dtype))
+            g.mul_(t.sum(-1, keepdim=True)).sub_(t).mul_(grad / ctx.temp)
         return grad_logits.to(logits.dtype), None, None
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """Elementwise sum; the tensor itself (no copy) when there is one, None when there is none."""
-    return functools.reduce(torch.add, tensors) if tensors else None
 
 
 class DINOClsLoss(_CenteredDistillation):
@@ -162,9 +186,9 @@ class DINOClsLoss(_CenteredDistillation):
         """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
-        probs, log_probs = self.teacher_distributions(teacher_out, teacher_temp)
+        probs, entropy = self.teacher_distributions(teacher_out, teacher_temp)
         loss = _cross_view_ce(probs, student_out, self.student_temp)
-        self.stats = teacher_stats(probs, log_probs, loss)
+        self.stats = teacher_stats(probs, entropy, loss)
         self.update_center(teacher_out)
         return loss
 
@@ -191,9 +215,9 @@ class QueryLoss(_CenteredDistillation):
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
             self.stats = {}
         else:
-            probs, log_probs = self.teacher_distributions(teacher_q, teacher_temp)
+            probs, entropy = self.teacher_distributions(teacher_q, teacher_temp)
             loss = _cross_view_ce(probs, student_q, self.student_temp)
-            self.stats = teacher_stats(probs, log_probs, loss)
+            self.stats = teacher_stats(probs, entropy, loss)
         self.update_center(teacher_q)
         return loss
 
@@ -229,7 +253,7 @@ class IBOTPatchLoss(_CenteredDistillation):
                     f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
                 )
         # Only masked positions are scored, so softmaxes are computed for those rows alone.
-        probs, log_probs = self.teacher_distributions([t[m] for t, m in zip(teacher_patches, masks)], teacher_temp)
+        probs, entropy = self.teacher_distributions([t[m] for t, m in zip(teacher_patches, masks)], teacher_temp)
         per_view, ce_rows = [], []
         for s, m, p in zip(student_patches, masks, probs):
             ce = -(p * self.student_log_probs(s[m])).sum(-1)
@@ -238,7 +262,7 @@ class IBOTPatchLoss(_CenteredDistillation):
             per_view.append((ce * weight).sum() / m.shape[0])
         # Diagnostics over the scored rows, unweighted: their KL is the rows' mean cross-entropy minus entropy.
         scored = sum(len(c) for c in ce_rows)
-        self.stats = teacher_stats(probs, log_probs, torch.cat(ce_rows).mean()) if scored else {}
+        self.stats = teacher_stats(probs, entropy, torch.cat(ce_rows).mean()) if scored else {}
         self.update_center(teacher_patches)
         return torch.stack(per_view).mean()
 
