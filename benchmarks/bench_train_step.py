@@ -282,8 +282,8 @@ def main(args: argparse.Namespace) -> int:
     step_ratio = step_ratios["ADCLR"]
     met = step_ratio["time"] <= STEP_TARGET and step_ratio["total_mem"] <= STEP_TARGET
     print(f"\nADCLR / DINO: time {step_ratio['time']:.3f}x (median of per-round ratios), total memory "
-          f"{step_ratio['total_mem']:.3f}x, work memory {step_ratio['work_mem']:.3f}x; FLOPs {step_ratio['flops']:.3f}x "
-          "(the time ratio's floor at equal efficiency)")
+          f"{step_ratio['total_mem']:.3f}x, work memory {step_ratio['work_mem']:.3f}x; FLOPs "
+          f"{step_ratio['flops']:.3f}x (the time ratio's floor at equal efficiency)")
     print(f"target (time and total memory <= {STEP_TARGET}x DINO): {'met' if met else 'NOT met'}")
 
     failed, backbone_met = [], None

@@ -194,8 +194,8 @@ def pretrain(name: str, args: argparse.Namespace, data_dir: Path, until_epoch: i
         curve.append(point)
     teacher = trainer.fit(until_epoch)
     ends = _epoch_ends(run_dir)
-    record = {"config": cfg.to_dict(), "steps": trainer.step, "train_seconds": round(sum(e["seconds"] for e in ends), 1),
-              "final_loss": _loss_terms(ends[-1], log_k)}
+    record = {"config": cfg.to_dict(), "steps": trainer.step,
+              "train_seconds": round(sum(e["seconds"] for e in ends), 1), "final_loss": _loss_terms(ends[-1], log_k)}
     return teacher.backbone, record | ({"curve": curve} if curve else {})
 
 
