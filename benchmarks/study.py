@@ -1,10 +1,11 @@
 """Small-scale study v2: does the training learn, and what do ADCLR's queries add? (CPU-sized; see RESULTS.md)
 
 Pretraining data (--pretraining): unlabelled 64 px images from Fashion-MNIST's train split, one of `PRETRAINING`:
-plain items (gray on black; the default, 8000 of them), scenes (2-4 tinted items over textured backgrounds), item
-scenes (one tinted item over a textured background) or plain items and scenes, half each (mixed). Every run trains the
-same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an 8x8 token grid) with the `small` preset for the same
-number of steps (default 10 epochs = 1250), then scores the teacher backbone on frozen features:
+plain items and scenes, three to one (mostly_items; the default, 8000 images), plain items (gray on black), scenes
+(2-4 tinted items over textured backgrounds), item scenes (one tinted item over a textured background) or plain items
+and scenes, half each (mixed). Every run trains the same `adclr_vit_mini_patch8` (width 192, 6 blocks, patch 8: an
+8x8 token grid) with the `small` preset for the same number of steps (default 12 epochs = 1500), then scores the
+teacher backbone on frozen features:
   global  k-NN (k=20) and a linear probe on Fashion-MNIST test items, plain (gray on black) and textured (one tinted
           item over a textured background, `adclr.scenes.item_scenes`);
   dense   a linear per-patch probe on held-out scenes: mIoU over 11 classes and foreground IoU (the probe's
@@ -54,7 +55,7 @@ from adclr.train.checkpoint import CHECKPOINT_NAME
 ARCH = dict(arch="adclr_vit_mini_patch8", img_size=64)
 #: Images are 64 px: global crops 64 px (scale 0.4-1), 4 local crops 32 px (0.1-0.4), one token per query crop.
 BASE = dict(**ARCH, **PRESETS["small"], local_crops=4, local_size=32, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4),
-            query_size=8, batch_size=64, epochs=10, workers=1, log_every=10)
+            query_size=8, batch_size=64, epochs=12, workers=1, log_every=10)
 METHODS = {"dino": dict(num_queries=0), "adclr": dict(num_queries=10),
            "adclr_allq": dict(num_queries=10, query_attends="all_queries")}  # ablation: queries also read each other
 SEEDS = (0, 1, 2)
@@ -324,13 +325,31 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _check_kept_runs(args: argparse.Namespace) -> None:
+    """Finished runs in --out are kept; one trained on another set or for other steps would mix two studies in one
+    table, so it stops the command instead."""
+    steps = args.epochs * (args.images // BASE["batch_size"])
+    pretraining = {"set": args.pretraining, "images": args.images}
+    for name in args.runs:
+        path = args.out / f"{name}.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if "steps" not in record:  # not run yet, or random init: nothing trained
+            continue
+        differs = record["steps"] != steps or record.get("pretraining", pretraining) != pretraining
+        if differs:
+            was = record.get("pretraining", {}).get("set", "its anchor set")
+            raise SystemExit(f"{path} was trained for {record['steps']} steps on {was}, this command "
+                             f"asks for {steps} steps on {args.pretraining} ({args.images} images): pass another --out "
+                             "or move that file away")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study"))
     parser.add_argument("--data", type=Path, default=Path("/tmp/adclr-study/data"),
                         help="where the pretraining images are written (a KIND-N folder inside)")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/adclr-study/runs"), help="checkpoints and logs")
-    parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="items",
+    parser.add_argument("--pretraining", choices=sorted(PRETRAINING), default="mostly_items",
                         help="the unlabelled pretraining set; "
                              + "; ".join(f"{k}: {v.__doc__}" for k, v in PRETRAINING.items()))
     parser.add_argument("--images", type=int, default=8000, help="pretraining images (and the dense anchor's scenes)")
@@ -355,10 +374,15 @@ def main() -> None:
         parser.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if args.eval_every < 0:
         parser.error(f"--eval-every must be 0 (off) or a positive number of epochs, got {args.eval_every}")
+    if args.eval_every and args.budget_minutes is not None:
+        parser.error("--eval-every does not apply with --budget-minutes (its timed processes train without scoring): "
+                     "drop one of the two")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
         return
+    if not args.train_only and args.budget_minutes is None:
+        _check_kept_runs(args)
     data_dir = write_pretraining_folder(args.data, args.pretraining, args.images, args.fashion_mnist)
     if args.train_only:  # one process of --budget-minutes: pretraining, no scores
         for name in args.runs:
