@@ -8,6 +8,7 @@ prototypes by `sinkhorn.sinkhorn_knopp` instead (DINOv2's option) and the center
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Mapping, Sequence
 
@@ -61,15 +62,18 @@ class _CenteredDistillation(nn.Module):
         #: first.
         self.stats: dict[str, torch.Tensor] = {}
 
-    def teacher_distribution(self, teacher: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_distribution(self, teacher: torch.Tensor, teacher_temp: float, overwrite: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, the sum of their rows' entropies) of the centered, sharpened teacher; never a gradient path.
 
         Block by block of rows: a block's logits and log-probabilities exist only while its probabilities and
-        entropies are computed, so the probabilities are the one full-size tensor made. Entropies from log_softmax, not
-        from the probabilities' log: a sharp teacher's probabilities underflow, their log does not.
+        entropies are computed, so the probabilities are the one full-size tensor made, and with ``overwrite`` (when
+        ``teacher`` has the probabilities' dtype) not even that: they are written over ``teacher``. Entropies from
+        log_softmax, not from the probabilities' log: a sharp teacher's probabilities underflow, their log does not.
         """
         rows = teacher.detach().reshape(-1, self.out_dim)
-        probs = torch.empty(rows.shape, dtype=torch.promote_types(rows.dtype, self.center.dtype), device=rows.device)
+        dtype = torch.promote_types(rows.dtype, self.center.dtype)
+        probs = rows if overwrite and rows.dtype == dtype else torch.empty(rows.shape, dtype=dtype, device=rows.device)
         entropy = rows.new_zeros((), dtype=torch.float32)
         for t, p in zip(_blocks(rows), _blocks(probs)):
             logits = (t - self.center).div_(teacher_temp)
@@ -77,13 +81,13 @@ class _CenteredDistillation(nn.Module):
             entropy -= dot(p.float(), F.log_softmax(logits, dim=-1).float())
         return probs.reshape(teacher.shape), entropy
 
-    def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float
-                              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float,
+                              overwrite: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(probabilities per view, (..., K) each like the view; the sum of all rows' entropies). With a center, view by
-        view; with Sinkhorn-Knopp, the rows of every view (and process) are balanced together, as DINOv2 balances its
-        crops."""
+        view (``overwrite``: over the views, see `teacher_distribution`); with Sinkhorn-Knopp, the rows of every view
+        (and process) are balanced together, as DINOv2 balances its crops."""
         if self.centering == "center":
-            pairs = [self.teacher_distribution(t, teacher_temp) for t in teacher_views]
+            pairs = [self.teacher_distribution(t, teacher_temp, overwrite) for t in teacher_views]
             return [p for p, _ in pairs], sum(h for _, h in pairs)
         rows = torch.cat([t.reshape(-1, self.out_dim) for t in teacher_views])
         probs = sinkhorn_knopp(rows, teacher_temp).split([t.numel() // self.out_dim for t in teacher_views])
@@ -94,18 +98,24 @@ class _CenteredDistillation(nn.Module):
         return F.log_softmax(student / self.student_temp, dim=-1)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """EMA of the mean teacher output over every row of every process (union of all batches).
+    def center_sums(self, teacher_out: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """(sum of the teacher's rows, row count) in one tensor, for `update_center`; taken before the loss may write
+        its probabilities over the teacher's outputs. None without a center."""
+        if self.centering != "center":
+            return None
+        rows = [t.detach().reshape(-1, self.out_dim) for t in teacher_out]  # summed view by view: no copy of all rows
+        total = torch.stack([r.sum(0, dtype=self.center.dtype) for r in rows]).sum(0)
+        return torch.cat([total, total.new_tensor([sum(r.shape[0] for r in rows)])])
+
+    @torch.no_grad()
+    def update_center(self, stats: torch.Tensor | None) -> None:
+        """EMA of the mean teacher output over every row of every process (union of all batches), from `center_sums`.
 
         Sum and row count are all-reduced together, so unequal per-rank batch sizes still give the
         exact global mean; with no rows anywhere (e.g. r = 0 queries) the center is left unchanged.
         """
-        if self.centering != "center":
+        if stats is None:
             return
-        tensors = [teacher_out] if isinstance(teacher_out, torch.Tensor) else list(teacher_out)
-        rows = [t.detach().reshape(-1, self.out_dim) for t in tensors]  # summed view by view: no copy of all rows
-        total = torch.stack([r.sum(0, dtype=self.center.dtype) for r in rows]).sum(0)
-        stats = torch.cat([total, total.new_tensor([sum(r.shape[0] for r in rows)])])
         if dist.is_initialized():
             dist.all_reduce(stats)
         total, count = stats[:-1], stats[-1]
@@ -144,7 +154,11 @@ def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequen
         paired = [_sum([q for a, q in enumerate(teacher_probs) if a != b]) if b < num_teacher else all_teacher
                   for b in range(len(student_logits))]
     rows = student_logits[0].numel() // student_logits[0].shape[-1]
-    total = sum(_SoftmaxCrossEntropy.apply(s, q, student_temp) for q, s in zip(paired, student_logits) if q is not None)
+    # The targets are the loss's own (fresh probabilities, or teacher outputs handed over); one read by a single
+    # student view may take that view's gradient in its place.
+    readers = collections.Counter(id(q) for q in paired)
+    total = sum(_SoftmaxCrossEntropy.apply(s, q, student_temp, readers[id(q)] == 1)
+                for q, s in zip(paired, student_logits) if q is not None)
     return total / (rows * pairs)
 
 
@@ -154,42 +168,55 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     Autograd through log_softmax would save the full-size log-probabilities and build three full-size gradients in
     turn (of the product, of log_softmax, of the division). Here both passes run over blocks of rows (`SOFTMAX_BLOCK`
     elements): the forward keeps only the sum, and the backward recomputes each block's softmax from the logits, which
-    the network's output dict holds anyway, straight into the gradient and finishes it in place:
-    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. Softmaxes run in fp32 at least, as under
-    autocast.
+    the network's output dict holds anyway, and finishes the gradient in place:
+    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. With ``reuse_targets`` (targets that
+    nothing reads after this backward, in the gradient's dtype) the gradient is written over the targets, so the
+    backward allocates no full-size tensor either; a second backward through it then raises. Softmaxes run in fp32 at
+    least, as under autocast.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
-        ctx.save_for_backward(logits, targets)
-        ctx.temp = temp
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float, reuse_targets: bool = False
+                ) -> torch.Tensor:
+        # targets carry no gradient and may be views of teacher outputs the loss writes over later (another term's
+        # probabilities share their version counter), so they are kept as they are, not version-checked
+        ctx.save_for_backward(logits)
         dtype = _at_least_fp32(logits)
+        ctx.targets, ctx.temp = targets, temp
+        ctx.reuse_targets = reuse_targets and targets.dtype == dtype and targets.is_contiguous()
         blocks = zip(_blocks(logits), _blocks(targets))
         return -sum(dot(t, F.log_softmax(s / temp, dim=-1, dtype=dtype)) for s, t in blocks)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, targets = ctx.saved_tensors
-        grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (logits,), targets = ctx.saved_tensors, ctx.targets
+        if ctx.targets is None:
+            raise RuntimeError("backward ran twice through a cross-entropy whose gradient took its targets' memory; "
+                               "compute the loss again instead of retaining its graph")
+        if ctx.reuse_targets:
+            grad_logits, ctx.targets = targets, None
+        else:
+            grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
         for s, t, g in zip(_blocks(logits), _blocks(targets), _blocks(grad_logits)):
-            g.copy_(F.softmax(s / ctx.temp, dim=-1, dtype=g.dtype))
-            g.mul_(t.sum(-1, keepdim=True)).sub_(t).mul_(grad / ctx.temp)
-        return grad_logits.to(logits.dtype), None, None
+            probs = F.softmax(s / ctx.temp, dim=-1, dtype=g.dtype)
+            torch.sub(probs.mul_(t.sum(-1, keepdim=True)), t, out=g).mul_(grad / ctx.temp)  # g may be t itself
+        return grad_logits.to(logits.dtype), None, None, None
 
 
 class DINOClsLoss(_CenteredDistillation):
     """DINO's [CLS] loss: every teacher global view supervises every *other* student crop."""
 
-    def forward(
-        self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], teacher_temp: float
-    ) -> torch.Tensor:
-        """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
+    def forward(self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], teacher_temp: float,
+                overwrite_teacher: bool = False) -> torch.Tensor:
+        """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view (written
+        over by its probabilities with ``overwrite_teacher``)."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
-        probs, entropy = self.teacher_distributions(teacher_out, teacher_temp)
+        sums = self.center_sums(teacher_out)
+        probs, entropy = self.teacher_distributions(teacher_out, teacher_temp, overwrite_teacher)
         loss = _cross_view_ce(probs, student_out, self.student_temp)
         self.stats = teacher_stats(probs, entropy, loss)
-        self.update_center(teacher_out)
+        self.update_center(sums)
         return loss
 
 
@@ -199,10 +226,10 @@ class QueryLoss(_CenteredDistillation):
     The same query crops ride along with every view, so the pairs are positives by construction.
     """
 
-    def forward(
-        self, student_q: Sequence[torch.Tensor], teacher_q: Sequence[torch.Tensor], teacher_temp: float
-    ) -> torch.Tensor:
-        """`student_q`, `teacher_q`: (B, r, K) per view, the same r queries in the same order in every view."""
+    def forward(self, student_q: Sequence[torch.Tensor], teacher_q: Sequence[torch.Tensor], teacher_temp: float,
+                overwrite_teacher: bool = False) -> torch.Tensor:
+        """`student_q`, `teacher_q`: (B, r, K) per view, the same r queries in the same order in every view (`teacher_q`
+        written over by its probabilities with ``overwrite_teacher``)."""
         self._check("student_q", student_q, 3)
         self._check("teacher_q", teacher_q, 3)
         if len({t.shape[:2] for t in [*student_q, *teacher_q]}) != 1:
@@ -210,15 +237,16 @@ class QueryLoss(_CenteredDistillation):
                 "QueryLoss: every view must carry the same (B, r) queries, got shapes "
                 f"{[tuple(t.shape) for t in [*student_q, *teacher_q]]}; append the same query crops to every view."
             )
+        sums = self.center_sums(teacher_q)
         if student_q[0].shape[1] == 0:
             # Mean over zero queries would be NaN; a zero that stays on the student's graph keeps backward uniform.
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
             self.stats = {}
         else:
-            probs, entropy = self.teacher_distributions(teacher_q, teacher_temp)
+            probs, entropy = self.teacher_distributions(teacher_q, teacher_temp, overwrite_teacher)
             loss = _cross_view_ce(probs, student_q, self.student_temp)
             self.stats = teacher_stats(probs, entropy, loss)
-        self.update_center(teacher_q)
+        self.update_center(sums)
         return loss
 
 
@@ -252,8 +280,10 @@ class IBOTPatchLoss(_CenteredDistillation):
                     f"IBOTPatchLoss: student {tuple(s.shape)}, teacher {tuple(t.shape)} and mask {tuple(m.shape)} "
                     f"({m.dtype}) disagree; masks must be bool (B, N) matching the (B, N, K) patch outputs."
                 )
-        # Only masked positions are scored, so softmaxes are computed for those rows alone.
-        probs, entropy = self.teacher_distributions([t[m] for t, m in zip(teacher_patches, masks)], teacher_temp)
+        sums = self.center_sums(teacher_patches)
+        # Only masked positions are scored, so softmaxes are computed for those rows alone (over their copies).
+        probs, entropy = self.teacher_distributions([t[m] for t, m in zip(teacher_patches, masks)], teacher_temp,
+                                                    overwrite=True)
         per_view, ce_rows = [], []
         for s, m, p in zip(student_patches, masks, probs):
             ce = -(p * self.student_log_probs(s[m])).sum(-1)
@@ -263,7 +293,7 @@ class IBOTPatchLoss(_CenteredDistillation):
         # Diagnostics over the scored rows, unweighted: their KL is the rows' mean cross-entropy minus entropy.
         scored = sum(len(c) for c in ce_rows)
         self.stats = teacher_stats(probs, entropy, torch.cat(ce_rows).mean()) if scored else {}
-        self.update_center(teacher_patches)
+        self.update_center(sums)
         return torch.stack(per_view).mean()
 
 
@@ -302,9 +332,12 @@ class ADCLRLoss(nn.Module):
         *,
         query_teacher_temp: float | None = None,
         patch_teacher_temp: float | None = None,
+        overwrite_teacher: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Returns {'loss', 'cls', 'query', 'patch'}; absent terms are 0. The query and patch teacher
-        temperatures default to `teacher_temp`.
+        temperatures default to `teacher_temp`. With ``overwrite_teacher`` the teacher's [CLS] and query outputs are
+        written over by their probabilities (with a center, in the probabilities' dtype): their memory is reused, so
+        pass it only for outputs nobody reads afterwards.
         """
         if (student_q is None) != (teacher_q is None):
             raise ValueError("ADCLRLoss: pass both `student_q` and `teacher_q`, or neither (no query loss).")
@@ -319,11 +352,12 @@ class ADCLRLoss(nn.Module):
 
         for term in (self.query, self.patch):  # stats only for the terms this call computes
             term.stats = {}
-        cls = self.cls(student_cls, teacher_cls, teacher_temp)
+        cls = self.cls(student_cls, teacher_cls, teacher_temp, overwrite_teacher)
         zero = cls.new_zeros(())
         query = zero
         if student_q is not None and teacher_q is not None:
-            query = self.query(student_q, teacher_q, teacher_temp if query_teacher_temp is None else query_teacher_temp)
+            q_temp = teacher_temp if query_teacher_temp is None else query_teacher_temp
+            query = self.query(student_q, teacher_q, q_temp, overwrite_teacher)
         loss = cls + self.lambda_q * query
         patch = zero
         if student_patches is not None and teacher_patches is not None and masks is not None:
@@ -333,13 +367,15 @@ class ADCLRLoss(nn.Module):
         return {"loss": loss, "cls": cls, "query": query, "patch": patch}
 
     def from_outputs(self, student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
-                     teacher_temp: float, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     teacher_temp: float, masks: Sequence[torch.Tensor] | None = None,
+                     overwrite_teacher: bool = False) -> dict[str, torch.Tensor]:
         """The terms from the networks' output dicts ('cls', 'query', 'patch' lists, as `SSLNetwork` returns them);
         queries count when the teacher has query outputs, patches when ``masks`` are given (iBOT)."""
         with_q = bool(teacher["query"])
         return self(student["cls"], teacher["cls"], teacher_temp,
                     student["query"] if with_q else None, teacher["query"] if with_q else None,
-                    student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None)
+                    student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None,
+                    overwrite_teacher=overwrite_teacher)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`), as

@@ -79,11 +79,14 @@ class TrainStep:
                 teacher = self.teacher(globals_, queries, patch_outputs=masks is not None, **self._queries())
             student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=self.local_queries,
                                        patch_outputs=masks is not None, **self._queries())
-            terms = self.loss.from_outputs(student, teacher, teacher_temp, masks)
-            del teacher  # its head outputs (B x r x K per view for the queries) are not needed by the backward
+            # The teacher's head outputs (B x r x K per view for the queries) are read by the loss only: their
+            # probabilities are written over them, and they go before the backward.
+            terms = self.loss.from_outputs(student, teacher, teacher_temp, masks, overwrite_teacher=True)
+            del teacher
             if self.koleo_weight:
                 terms["koleo"] = koleo_over_views(student["embedding"])
                 terms["loss"] = terms["loss"] + self.koleo_weight * terms["koleo"]
+            del student  # the backward holds what it needs; the head outputs go as soon as their loss's backward ran
         loss = terms["loss"]
         finite = torch.isfinite(loss.detach()).float()
         if dist.is_initialized():
