@@ -22,6 +22,9 @@ TOLERANCE = 1.0
 #: k-NN points by which the demo model must beat a random-init model of its arch on the bundled items (random init
 #: scores 34.5 / 36.5 / 38.5 there with seeds 0 / 1 / 2).
 KNN_MARGIN = 10.0
+#: Foreground-IoU points by which it must beat that model on the bundled scenes' dense probe (items apart from the
+#: background in its patch features).
+FG_IOU_MARGIN = 5.0
 
 
 def test_demo_model_is_embedded_and_verified():
@@ -42,13 +45,17 @@ def test_demo_probe_reaches_the_recorded_figure():
 
 
 def test_demo_model_beats_random_init_of_its_arch():
-    demo = bundled_items_knn(timm.create_model(DEMO_MODEL, pretrained=True))["top1"]
+    model = timm.create_model(DEMO_MODEL, pretrained=True)
     torch.manual_seed(0)
-    random_init = bundled_items_knn(timm.create_model(DEMO_MODEL.rsplit(".", 1)[0]))["top1"]
+    random_model = timm.create_model(DEMO_MODEL.rsplit(".", 1)[0])
+    demo, random_init = (bundled_items_knn(m)["top1"] for m in (model, random_model))
+    demo_fg, random_fg = (bundled_scenes_probe(m)["fg_iou"] for m in (model, random_model))
     recorded = adclr.models.MANIFEST[DEMO_MODEL].metrics
     assert demo == pytest.approx(recorded["bundled_items_knn"], abs=TOLERANCE)
     assert random_init == pytest.approx(recorded["random_init_bundled_items_knn"], abs=TOLERANCE)
+    assert random_fg == pytest.approx(recorded["random_init_bundled_probe_fg_iou"], abs=TOLERANCE)
     assert demo >= random_init + KNN_MARGIN
+    assert demo_fg >= random_fg + FG_IOU_MARGIN
 
 
 def test_demo_command_runs_offline(tmp_path):
