@@ -45,7 +45,7 @@ from adclr.train.engine import Trainer
 from adclr.train.network import build_backbone
 from adclr.train.step import resolve_precision  # the step's own precision choice, so both parts agree
 from adclr.vit import tokens_before_blocks
-from _common import PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json, write_result
+from _common import MIB, PeakMemory, measure, ratio, read_spec, run_worker, start, table, write_json, write_result
 
 STEP_TARGET = 1.10  # ADCLR step / DINO step, time and total memory
 BACKBONE_TARGET = 1.05  # query path / plain forward_features, time
@@ -207,7 +207,7 @@ def live_peak_mib(fn: Callable) -> float:
     for event in events:
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
-    return peak / 2 ** 20
+    return peak / MIB
 
 
 def paired_ratio(seconds: dict[str, list[float]], name: str, base: str) -> float:

@@ -325,10 +325,15 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _steps(args: argparse.Namespace) -> int:
+    """Training steps of every run of the command (pretraining runs and supervised anchors alike)."""
+    return args.epochs * (args.images // BASE["batch_size"])
+
+
 def _check_kept_runs(args: argparse.Namespace) -> None:
     """Finished runs in --out are kept; one trained on another set or for other steps would mix two studies in one
     table, so it stops the command instead."""
-    steps = args.epochs * (args.images // BASE["batch_size"])
+    steps = _steps(args)
     pretraining = {"set": args.pretraining, "images": args.images}
     for name in args.runs:
         path = args.out / f"{name}.json"
@@ -401,7 +406,7 @@ def main() -> None:
         args.epochs = train_within(concurrent, 60 * args.budget_minutes, args)
         timed = {"train_seconds": round(time.perf_counter() - start, 1), "concurrent_runs": len(concurrent)}
     data = eval_data(args.fashion_mnist, QUICK_EVAL if args.quick else EVAL)
-    steps = args.epochs * (args.images // BASE["batch_size"])
+    steps = _steps(args)
     for name in pending:
         if name == "random_init":
             torch.manual_seed(0)

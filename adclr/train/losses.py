@@ -190,7 +190,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (logits,), targets = ctx.saved_tensors, ctx.targets
-        if ctx.targets is None:
+        if targets is None:
             raise RuntimeError("backward ran twice through a cross-entropy whose gradient took its targets' memory; "
                                "compute the loss again instead of retaining its graph")
         if ctx.reuse_targets:
