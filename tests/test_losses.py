@@ -139,7 +139,8 @@ def test_query_loss_and_its_gradient_in_fp32_match_the_per_pair_formula(views, k
     reference_student = [s.detach().double().requires_grad_() for s in student]
     loss = loss_fn(student, teacher, 0.04)
     expected = plain_cross_view_ce(reference_student, teacher, center, 0.04)
-    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-5
+    # fp32 over ~10M products: the sum's rounding depends on how the dot products are split over threads
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-6 * abs(expected.item())
     loss.backward()
     expected.backward()
     for got, ref in zip(student, reference_student):
