@@ -76,10 +76,14 @@ class _CenteredDistillation(nn.Module):
         probs = rows if overwrite and rows.dtype == dtype else torch.empty(rows.shape, dtype=dtype, device=rows.device)
         entropy = rows.new_zeros((), dtype=torch.float32)
         for t, p in zip(_blocks(rows), _blocks(probs)):
-            logits = (t - self.center).div_(teacher_temp)
-            p.copy_(F.softmax(logits, dim=-1))
-            entropy -= dot(p.float(), F.log_softmax(logits, dim=-1).float())
+            entropy += self.centered_softmax(t, teacher_temp, out=p)
         return probs.reshape(teacher.shape), entropy
+
+    def centered_softmax(self, logits: torch.Tensor, teacher_temp: float, out: torch.Tensor) -> torch.Tensor:
+        """Writes one block of rows' centered, sharpened probabilities into ``out``; -> the sum of their entropies."""
+        logits = (logits - self.center).div_(teacher_temp)
+        out.copy_(F.softmax(logits, dim=-1))
+        return -dot(out.float(), F.log_softmax(logits, dim=-1).float())
 
     def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float,
                               overwrite: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -98,13 +102,17 @@ class _CenteredDistillation(nn.Module):
         return F.log_softmax(student / self.student_temp, dim=-1)
 
     @torch.no_grad()
-    def center_sums(self, teacher_out: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    def center_sums(self, teacher_out: Sequence[torch.Tensor], prototypes: torch.Tensor | None = None
+                    ) -> torch.Tensor | None:
         """(sum of the teacher's rows, row count) in one tensor, for `update_center`; taken before the loss may write
-        its probabilities over the teacher's outputs. None without a center."""
+        its probabilities over the teacher's outputs. None without a center. With ``prototypes`` (the last layer's
+        (K, C) weight) ``teacher_out`` holds bottleneck features: the logits' sum is their sum times the weight."""
         if self.centering != "center":
             return None
-        rows = [t.detach().reshape(-1, self.out_dim) for t in teacher_out]  # summed view by view: no copy of all rows
+        rows = [t.detach().reshape(-1, t.shape[-1]) for t in teacher_out]  # summed view by view: no copy of all rows
         total = torch.stack([r.sum(0, dtype=self.center.dtype) for r in rows]).sum(0)
+        if prototypes is not None:
+            total = prototypes.detach().to(total.dtype) @ total
         return torch.cat([total, total.new_tensor([sum(r.shape[0] for r in rows)])])
 
     @torch.no_grad()
@@ -133,6 +141,24 @@ class _CenteredDistillation(nn.Module):
                 )
 
 
+def _partners(num_teacher: int, num_student: int) -> list[list[int]]:
+    """The teacher views each student view is paired with: every teacher view but its own (the teacher's views are
+    the first student views)."""
+    partners = [[a for a in range(num_teacher) if a != b] for b in range(num_student)]
+    if not any(partners):
+        raise ValueError(
+            f"no cross-view pair between {num_teacher} teacher view(s) and {num_student} student "
+            "view(s); pass at least two views (e.g. the 2 global views to both networks)."
+        )
+    return partners
+
+
+def _ce_gradient_(probs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d/d(logits / temp) of ``-targets . log_softmax(logits / temp)`` for one block of rows, from the block's softmax
+    (overwritten): ``probs * rowsum(targets) - targets``, into ``out`` (which may be ``probs`` or ``targets``)."""
+    return torch.sub(probs.mul_(targets.sum(-1, keepdim=True)), targets, out=out)
+
+
 def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequence[torch.Tensor],
                    student_temp: float) -> torch.Tensor:
     """Cross-entropy averaged over rows and over all (teacher view a, student view b) pairs with a != b.
@@ -142,18 +168,13 @@ def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequen
     (sum over pairs of q_a . logp_b = sum_b (sum_{a != b} q_a) . logp_b): the work grows with the number of views, not
     pairs, and no full-size product is materialised.
     """
-    num_teacher = len(teacher_probs)
-    pairs = num_teacher * len(student_logits) - min(num_teacher, len(student_logits))
-    if not pairs:
-        raise ValueError(
-            f"no cross-view pair between {num_teacher} teacher view(s) and {len(student_logits)} student "
-            "view(s); pass at least two views (e.g. the 2 global views to both networks)."
-        )
+    partners = _partners(len(teacher_probs), len(student_logits))
     with torch.no_grad():  # teacher side only: the sums a student view is paired with
-        all_teacher = _sum(teacher_probs) if len(student_logits) > num_teacher else None
-        paired = [_sum([q for a, q in enumerate(teacher_probs) if a != b]) if b < num_teacher else all_teacher
-                  for b in range(len(student_logits))]
+        all_teacher = _sum(teacher_probs) if len(student_logits) > len(teacher_probs) else None
+        paired = [_sum([teacher_probs[a] for a in views]) if b < len(teacher_probs) else all_teacher
+                  for b, views in enumerate(partners)]
     rows = student_logits[0].numel() // student_logits[0].shape[-1]
+    pairs = sum(map(len, partners))
     # The targets are the loss's own (fresh probabilities, or teacher outputs handed over); one read by a single
     # student view may take that view's gradient in its place.
     readers = collections.Counter(id(q) for q in paired)
@@ -199,7 +220,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
         for s, t, g in zip(_blocks(logits), _blocks(targets), _blocks(grad_logits)):
             probs = F.softmax(s / ctx.temp, dim=-1, dtype=g.dtype)
-            torch.sub(probs.mul_(t.sum(-1, keepdim=True)), t, out=g).mul_(grad / ctx.temp)  # g may be t itself
+            _ce_gradient_(probs, t, out=g).mul_(grad / ctx.temp)  # g may be t itself
         return grad_logits.to(logits.dtype), None, None, None
 
 
