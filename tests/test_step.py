@@ -7,6 +7,7 @@ import torch
 
 from adclr.train import TrainConfig
 from adclr.train.ibot_masks import GlobalViewMasks
+from adclr.train import losses
 from adclr.train.losses import ADCLRLoss
 from adclr.train.network import build_network
 from adclr.train.step import TrainStep
@@ -90,3 +91,66 @@ def test_uint8_views_are_normalised_on_the_device_like_float_views_normalised_by
     from_uint8 = make_step().forward_backward(raw, teacher_temp=0.04)
     from_float = make_step().forward_backward(floats, teacher_temp=0.04)
     assert all(torch.allclose(from_uint8[k], from_float[k], atol=1e-5) for k in ("loss", "cls", "query"))
+
+
+def _loss_and_grads(step: TrainStep, data: dict, loss_fn: ADCLRLoss, last_layer: bool, masks=None):
+    step.student.zero_grad(set_to_none=True)
+    student = step.student(data["global"], data["queries"], data["local"], masks=masks, local_queries=True,
+                           patch_outputs=masks is not None, last_layer=last_layer)
+    with torch.no_grad():
+        teacher = step.teacher(data["global"], data["queries"], patch_outputs=masks is not None, last_layer=last_layer)
+    terms = loss_fn.from_outputs(student, teacher, 0.04, masks)
+    terms["loss"].backward()
+    grads = {name: p.grad.clone() for name, p in step.student.named_parameters() if p.grad is not None}
+    return terms, grads
+
+
+# the fused path against the logits path: rows in blocks of 3 with a short last one, queries on the local crops too
+@pytest.mark.parametrize("variant, centering", [("dino", "center"), ("ibot", "center"), ("dino", "sinkhorn_knopp")])
+def test_the_fused_last_layer_gives_the_loss_gradients_centers_and_diagnostics_of_the_logits(variant, centering,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(losses, "SOFTMAX_BLOCK", 3 * TINY["out_dim"])
+    step = make_step(variant=variant)
+    step.teacher.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in step.student.state_dict().items()})
+    masks = GlobalViewMasks((4, 4), (0.3, 0.5), 1.0)(2) if variant == "ibot" else None
+    data = batch(num_queries=5)
+    results = []
+    for last_layer in (True, False):
+        loss_fn = ADCLRLoss(64, lambda_q=0.7, lambda_patch=0.5 if masks else 0.0, centering=centering)
+        loss_fn.cls.center.copy_(torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 0.1)
+        terms, grads = _loss_and_grads(step, data, loss_fn, last_layer, masks)
+        results.append((terms, grads, loss_fn.state_dict(), loss_fn.stats()))
+    (terms, grads, centers, stats), (f_terms, f_grads, f_centers, f_stats) = results
+    assert f_terms["query"] > 0 and (f_terms["patch"] > 0) == (variant == "ibot")
+    for name in ("loss", "cls", "query", "patch"):
+        assert f_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-6, abs=1e-7), name
+    assert grads.keys() == f_grads.keys() and any("last_layer" in name for name in grads)
+    for name, grad in grads.items():
+        assert (f_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    for name, center in centers.items():
+        torch.testing.assert_close(f_centers[name], center, rtol=0, atol=1e-6)
+    assert stats.keys() == f_stats.keys() and {"cls_kl", "query_batch_entropy"} <= stats.keys()
+    for name, value in stats.items():
+        assert f_stats[name].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name
+
+
+def test_a_second_backward_through_the_fused_last_layer_raises():
+    step = make_step()
+    data = batch()
+    student = step.student(data["global"], data["queries"], last_layer=False)
+    with torch.no_grad():
+        teacher = step.teacher(data["global"], data["queries"], last_layer=False)
+    loss = ADCLRLoss(64).from_outputs(student, teacher, 0.04)["loss"]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_the_fused_path_names_mismatched_outputs():
+    step = make_step()
+    data = batch()
+    with torch.no_grad():
+        student = step.student(data["global"], data["queries"], last_layer=False)
+        teacher = step.teacher(data["global"], data["queries"][:, :2], last_layer=False)
+    with pytest.raises(ValueError, match="every 'query' view must have the same rows"):
+        ADCLRLoss(64).from_outputs(student, teacher, 0.04)

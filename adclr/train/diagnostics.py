@@ -57,9 +57,17 @@ def teacher_stats(teacher_probs: Sequence[torch.Tensor], entropy_sum: torch.Tens
     rows = sum(p.numel() // p.shape[-1] for p in teacher_probs)
     if rows == 0:
         return {}
+    probs_sum = sum(p.reshape(-1, p.shape[-1]).sum(0, dtype=torch.float32) for p in teacher_probs)
+    return stats_from_sums(rows, entropy_sum, probs_sum, cross_entropy)
+
+
+@torch.no_grad()
+def stats_from_sums(rows: int, entropy_sum: torch.Tensor, probs_sum: torch.Tensor, cross_entropy: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """`teacher_stats` from the sums over the teacher's rows of their entropies and of their probabilities, for a
+    loss that never holds all rows at once."""
     mean_entropy = entropy_sum.float() / rows
-    batch_mean = sum(p.reshape(-1, p.shape[-1]).sum(0, dtype=torch.float32) for p in teacher_probs) / rows
-    return {"teacher_entropy": mean_entropy, "batch_entropy": entropy(batch_mean),
+    return {"teacher_entropy": mean_entropy, "batch_entropy": entropy(probs_sum.float() / rows),
             "kl": cross_entropy.detach().float() - mean_entropy}
 
 

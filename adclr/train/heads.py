@@ -50,13 +50,16 @@ class DINOHead(nn.Module):
             magnitude.fill_(1.0)
         magnitude.requires_grad_(not norm_last_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last_layer: bool = True) -> torch.Tensor:
+        """(..., in_dim) -> (..., out_dim) logits; with ``last_layer=False`` the L2-normalised bottleneck features
+        (..., bottleneck_dim), for a loss that applies `last_layer.weight` itself (`losses.ADCLRLoss.fused`)."""
         # BatchNorm1d wants (N, C), so all leading dims are folded into one for the MLP.
         # Explicit sizes (no -1) keep r = 0 query tensors (B, 0, C) working.
         *lead, dim = x.shape
         x = self.mlp(x.reshape(-1, dim))
         x = F.normalize(x, dim=-1)
-        x = self.last_layer(x)
+        if last_layer:
+            x = self.last_layer(x)
         return x.reshape(*lead, x.shape[-1])
 
 

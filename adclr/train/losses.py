@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CENTERINGS
-from .diagnostics import dot, teacher_stats
+from .diagnostics import dot, stats_from_sums, teacher_stats
 from .sinkhorn import sinkhorn_knopp
 
 
@@ -224,6 +224,97 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return grad_logits.to(logits.dtype), None, None, None
 
 
+class _TeacherRows:
+    """One term's teacher probabilities block by block of rows, from its bottleneck features and the teacher's last
+    layer (with a center), or sliced from probabilities made whole (Sinkhorn-Knopp balances all rows together); sums
+    what the diagnostics need as the blocks go."""
+
+    def __init__(self, term: _CenteredDistillation, features: Sequence[torch.Tensor], prototypes: torch.Tensor,
+                 teacher_temp: float) -> None:
+        self.term, self.teacher_temp = term, teacher_temp
+        self.views = [f.detach().reshape(-1, f.shape[-1]) for f in features]
+        self.prototypes = prototypes.detach().to(torch.promote_types(prototypes.dtype, term.center.dtype))
+        self.rows = sum(len(v) for v in self.views)
+        if term.centering == "center":
+            self.whole = None
+            self.entropy = self.prototypes.new_zeros(())
+            self.probs_sum = self.prototypes.new_zeros(len(self.prototypes))
+        else:
+            self.whole, self.entropy = term.teacher_distributions([self._logits(v) for v in self.views], teacher_temp)
+            self.probs_sum = sum(p.sum(0) for p in self.whole)
+
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.prototypes.dtype) @ self.prototypes.T
+
+    def block(self, rows: slice) -> list[torch.Tensor]:
+        """Each view's probabilities of these rows."""
+        if self.whole is not None:
+            return [p[rows] for p in self.whole]
+        blocks = []
+        for view in self.views:
+            logits = self._logits(view[rows])
+            self.entropy += self.term.centered_softmax(logits, self.teacher_temp, out=logits)
+            self.probs_sum += logits.sum(0)
+            blocks.append(logits)
+        return blocks
+
+
+class _FusedLastLayerCE(torch.autograd.Function):
+    """The total of several cross-view cross-entropies whose student logits are bottleneck features times the last
+    layer's (K, C) weight, made block by block of rows (`SOFTMAX_BLOCK` elements) and never whole.
+
+    Each block's logit gradient, (softmax * rowsum(targets) - targets) / temp, is turned at once into the features'
+    gradient (G W) and added into the weight's (G^T z, one K x C buffer for every term): no full-size logits,
+    probabilities or gradient exist, and the backward only scales. The terms are weighted inside, so one buffer serves
+    them all; the values it returns beside the total are detached. Runs in fp32 at least, autocast or not.
+    """
+
+    @staticmethod
+    def forward(ctx, prototypes: torch.Tensor, terms: Sequence[tuple[list[int], _TeacherRows, float, float]],
+                *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`terms`: per term, the positions of its student views in `features`, its teacher rows, the student's
+        temperature and the term's weight in the total."""
+        with torch.autocast(prototypes.device.type, enabled=False):
+            w = prototypes.detach().to(_at_least_fp32(prototypes))
+            grad_w = torch.zeros_like(w) if ctx.needs_input_grad[0] else None
+            grads = [torch.zeros_like(f) for f in features]
+            values = []
+            for positions, teacher, student_temp, weight in terms:
+                views = [features[i].detach().reshape(-1, w.shape[1]) for i in positions]
+                view_grads = [grads[i].view(-1, w.shape[1]) for i in positions]
+                partners = _partners(len(teacher.views), len(views))
+                rows, per_block = len(views[0]), max(1, SOFTMAX_BLOCK // len(w))
+                mean = rows * sum(map(len, partners))
+                total = w.new_zeros(())
+                for rows_j in (slice(i, i + per_block) for i in range(0, rows, per_block)):
+                    teacher_j = teacher.block(rows_j)
+                    for z, g, views_a in zip(views, view_grads, partners):
+                        if not views_a:
+                            continue
+                        targets = _sum([teacher_j[a] for a in views_a])
+                        z = z[rows_j].to(w.dtype)
+                        log_probs = F.log_softmax((z @ w.T).div_(student_temp), dim=-1)
+                        total -= dot(targets, log_probs)
+                        d = _ce_gradient_(log_probs.exp_(), targets, out=log_probs).mul_(weight / (mean * student_temp))
+                        g[rows_j] = d @ w
+                        if grad_w is not None:
+                            grad_w.addmm_(d.T, z)
+                values.append(total / mean)
+        ctx.grads, ctx.prototypes_dtype = (grad_w, grads), prototypes.dtype
+        values = torch.stack(values)
+        ctx.mark_non_differentiable(values)
+        return values @ values.new_tensor([weight for *_, weight in terms]), values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _) -> tuple[torch.Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("backward ran twice through the fused last layer and cross-entropy, whose gradients are "
+                               "made once in the forward; compute the loss again instead of retaining its graph")
+        (grad_w, grads), ctx.grads = ctx.grads, None
+        grad_w = None if grad_w is None else grad_w.mul_(grad).to(ctx.prototypes_dtype)
+        return grad_w, None, *(g.mul_(grad) for g in grads)
+
+
 class DINOClsLoss(_CenteredDistillation):
     """DINO's [CLS] loss: every teacher global view supervises every *other* student crop."""
 
@@ -365,11 +456,7 @@ class ADCLRLoss(nn.Module):
         patch_inputs = (student_patches, teacher_patches, masks)
         if any(x is None for x in patch_inputs) and not all(x is None for x in patch_inputs):
             raise ValueError("ADCLRLoss: pass all of `student_patches`, `teacher_patches` and `masks`, or none of them.")
-        if self.lambda_patch and student_patches is None:
-            raise ValueError(
-                f"ADCLRLoss was built with lambda_patch={self.lambda_patch} (iBOT variant) but got no patch outputs; "
-                "pass student_patches, teacher_patches and masks, or build it with lambda_patch=0."
-            )
+        self._check_patch_inputs(masks)
 
         for term in (self.query, self.patch):  # stats only for the terms this call computes
             term.stats = {}
@@ -391,12 +478,67 @@ class ADCLRLoss(nn.Module):
                      teacher_temp: float, masks: Sequence[torch.Tensor] | None = None,
                      overwrite_teacher: bool = False) -> dict[str, torch.Tensor]:
         """The terms from the networks' output dicts ('cls', 'query', 'patch' lists, as `SSLNetwork` returns them);
-        queries count when the teacher has query outputs, patches when ``masks`` are given (iBOT)."""
+        queries count when the teacher has query outputs, patches when ``masks`` are given (iBOT). Outputs of networks
+        that stop at the bottleneck (with 'prototypes', see `SSLNetwork`) go through the fused path (`fused`)."""
+        if "prototypes" in student:
+            return self.fused(student, teacher, teacher_temp, masks)
         with_q = bool(teacher["query"])
         return self(student["cls"], teacher["cls"], teacher_temp,
                     student["query"] if with_q else None, teacher["query"] if with_q else None,
                     student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None,
                     overwrite_teacher=overwrite_teacher)
+
+    def fused(self, student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
+              teacher_temp: float, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`from_outputs` for bottleneck features (..., C) and the last layer's (K, C) weight in 'prototypes': the [CLS]
+        and query terms run through `_FusedLastLayerCE`, which never makes their full-size logits (the same loss, the
+        same centers and diagnostics); the iBOT patch term takes its logits whole. 'cls' and 'query' come back
+        detached: backpropagate 'loss'."""
+        w_s, w_t = student["prototypes"][0], teacher["prototypes"][0]
+        self._check_fused(student, teacher, w_s, w_t)
+        self._check_patch_inputs(masks)
+        uses = [(self.cls, student["cls"], teacher["cls"], 1.0)]
+        if teacher["query"]:
+            uses.append((self.query, student["query"], teacher["query"], self.lambda_q))
+        features, terms, sums = [], [], []
+        for term, student_views, teacher_views, weight in uses:
+            sums.append(term.center_sums(teacher_views, w_t))
+            positions = list(range(len(features), len(features) + len(student_views)))
+            terms.append((positions, _TeacherRows(term, teacher_views, w_t, teacher_temp), term.student_temp, weight))
+            features += student_views
+        loss, values = _FusedLastLayerCE.apply(w_s, terms, *features)
+        self.query.stats = self.patch.stats = {}
+        for (term, *_), (_, rows, *_), value, term_sums in zip(uses, terms, values, sums):
+            term.stats = stats_from_sums(rows.rows, rows.entropy, rows.probs_sum, value)
+            term.update_center(term_sums)
+        out = {"loss": loss, "cls": values[0], "query": values[1] if len(values) > 1 else loss.new_zeros(()),
+               "patch": loss.new_zeros(())}
+        if masks:
+            out["patch"] = self.patch([p @ w_s.T for p in student["patch"]], [p @ w_t.T for p in teacher["patch"]],
+                                      masks, teacher_temp)
+            out["loss"] = loss + self.lambda_patch * out["patch"]
+        return out
+
+    @staticmethod
+    def _check_fused(student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
+                     w_s: torch.Tensor, w_t: torch.Tensor) -> None:
+        if w_s.shape != w_t.shape or w_s.ndim != 2:
+            raise ValueError(f"ADCLRLoss.fused: student prototypes {tuple(w_s.shape)} and teacher prototypes "
+                             f"{tuple(w_t.shape)} must be the same (K, C) last-layer weight shape; build both networks "
+                             "from one config.")
+        for name in ("cls", "query"):
+            views = [*student[name], *teacher[name]]
+            if len({v.shape[:-1] for v in views}) > 1 or any(v.shape[-1] != w_s.shape[1] for v in views):
+                raise ValueError(f"ADCLRLoss.fused: every {name!r} view must have the same rows of C={w_s.shape[1]} "
+                                 f"bottleneck features, got {[tuple(v.shape) for v in views]}; pass the outputs of "
+                                 "networks called with last_layer=False on the same batch.")
+
+    def _check_patch_inputs(self, masks: Sequence[torch.Tensor] | None) -> None:
+        if self.lambda_patch and not masks:
+            raise ValueError(
+                f"ADCLRLoss was built with lambda_patch={self.lambda_patch} (iBOT variant) but got no patch outputs; "
+                "pass student_patches, teacher_patches and masks, or build it with lambda_patch=0."
+            )
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Collapse diagnostics of the last forward, e.g. `cls_teacher_entropy`, `query_kl` (see `diagnostics`), as

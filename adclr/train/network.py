@@ -28,10 +28,12 @@ class SSLNetwork(nn.Module):
     def forward(self, global_views: Sequence[Tensor], queries: Tensor | None, local_views: Sequence[Tensor] = (), *,
                 masks: Sequence[Tensor] | None = None, query_attends: str = "self", query_pos: str = "none",
                 bidirectional_ablation: bool = False, local_queries: bool = False,
-                patch_outputs: bool = False) -> dict[str, list[Tensor]]:
+                patch_outputs: bool = False, last_layer: bool = True) -> dict[str, list[Tensor]]:
         """Head outputs per view: 'cls' for every view (globals first), 'query' (B, r, K) per view that carries queries,
         'patch' (B, N, K) per global view when `patch_outputs`; and 'embedding', the backbone's [CLS] (B, C) per global
         view (for KoLeo). `queries` (B, r, 3, q, q) or None for no queries; `masks`: (B, N) bool per global view (iBOT).
+        With ``last_layer=False`` the head outputs stop at its L2-normalised bottleneck (..., C) and 'prototypes' holds
+        the last layer's (K, C) weight: `ADCLRLoss` then applies it block by block (`ADCLRLoss.fused`).
 
         Every head use ([CLS], queries, patches, local crops) goes through one head call: each layer is one matmul
         over all rows, so the weight-normed last layer (65536 x 256 at DINO's size) and its weight gradient are built
@@ -53,14 +55,16 @@ class SSLNetwork(nn.Module):
                      ("query", n_local, query_tokens)]
         uses = [use for use in uses if use[2] is not None]
         out = {"cls": [], "query": [], "patch": [], "embedding": list(embedding.chunk(n_global))}
-        for (name, n_views, _), outputs in zip(uses, self._head([x for *_, x in uses])):
+        for (name, n_views, _), outputs in zip(uses, self._head([x for *_, x in uses], last_layer)):
             out[name] += outputs.chunk(n_views)
+        if not last_layer:
+            out["prototypes"] = [self.head.last_layer.weight]
         return out
 
-    def _head(self, inputs: list[Tensor]) -> list[Tensor]:
-        """The head over every input (..., C) at once -> (..., K) each."""
+    def _head(self, inputs: list[Tensor], last_layer: bool) -> list[Tensor]:
+        """The head over every input (..., C) at once -> (..., K) each (bottleneck features without ``last_layer``)."""
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
-        outputs = self.head(rows).split([x[..., 0].numel() for x in inputs])
+        outputs = self.head(rows, last_layer).split([x[..., 0].numel() for x in inputs])
         return [y.reshape(*x.shape[:-1], y.shape[-1]) for x, y in zip(inputs, outputs)]
 
     def _tokens(self, images: Tensor, queries: Tensor | None, patch_mask: Tensor | None = None,

@@ -74,14 +74,15 @@ class TrainStep:
         masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]] if "masks" in batch else None
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
+        # Both heads stop at their bottleneck: the loss applies the last layer block by block of rows, so no
+        # full-size head output (B x r x K per view for the queries) is made (`ADCLRLoss.fused`).
         with autocast:
             with torch.no_grad():
-                teacher = self.teacher(globals_, queries, patch_outputs=masks is not None, **self._queries())
+                teacher = self.teacher(globals_, queries, patch_outputs=masks is not None, last_layer=False,
+                                       **self._queries())
             student = self.student_ddp(globals_, queries, locals_, masks=masks, local_queries=self.local_queries,
-                                       patch_outputs=masks is not None, **self._queries())
-            # The teacher's head outputs (B x r x K per view for the queries) are read by the loss only: their
-            # probabilities are written over them, and they go before the backward.
-            terms = self.loss.from_outputs(student, teacher, teacher_temp, masks, overwrite_teacher=True)
+                                       patch_outputs=masks is not None, last_layer=False, **self._queries())
+            terms = self.loss.from_outputs(student, teacher, teacher_temp, masks)
             del teacher
             if self.koleo_weight:
                 terms["koleo"] = koleo_over_views(student["embedding"])
