@@ -197,15 +197,17 @@ def count_flops(fn: Callable) -> int:
 
 
 def live_peak_mib(fn: Callable) -> float:
-    """Peak of the tensor memory one call allocates and has not freed yet (MiB), from torch's profiler: each
-    allocation and free is counted once, at the end of the innermost op that made it. On the CPU this is the
-    counterpart of CUDA's max_memory_allocated over the step; peak RSS also counts what the allocator keeps."""
+    """Peak of the tensor memory one call allocates and has not freed yet (MiB), from torch's profiler: its
+    allocator events ('[memory]', one per allocation and free, with a time stamp) summed in time order. On the CPU
+    this is the counterpart of CUDA's max_memory_allocated over the step; peak RSS also counts what the allocator
+    keeps. (The per-op memory figures are no substitute: a free between the ops inside a Python-level scope, such as
+    a custom autograd Function, counts only at that scope's end.)"""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
-    events = sorted((e for e in profiler.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.end)
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
-    for event in events:
-        live += event.self_cpu_memory_usage
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
         peak = max(peak, live)
     return peak / MIB
 

@@ -214,43 +214,6 @@ def test_adclr_loss_total_and_separate_centers():
     assert torch.equal(restored.query.center, loss_fn.query.center)
 
 
-def test_overwrite_teacher_reuses_its_memory_and_changes_nothing_else():
-    torch.manual_seed(12)
-    student = [(torch.randn(3, K) * 0.3).requires_grad_() for _ in range(3)]
-    student_q = [(torch.randn(3, 5, K) * 0.3).requires_grad_() for _ in range(2)]
-    teacher, teacher_q = [torch.randn(3, K) for _ in range(2)], [torch.randn(3, 5, K) + 1.0 for _ in range(2)]
-    center = torch.randn(1, K) * 0.1
-    runs = {}
-    for overwrite in (False, True):
-        loss_fn = ADCLRLoss(K)
-        loss_fn.cls.center.copy_(center)
-        t, t_q = [x.clone() for x in teacher], [x.clone() for x in teacher_q]
-        s = [x.detach().clone().requires_grad_() for x in student + student_q]
-        out = loss_fn(s[:3], t, 0.04, s[3:], t_q, overwrite_teacher=overwrite)
-        after_forward = [x.clone() for x in t + t_q]
-        out["loss"].backward()
-        runs[overwrite] = out, loss_fn.state_dict(), [x.grad for x in s], after_forward
-    (kept, kept_centers, kept_grads, untouched), (over, centers, grads, written) = runs[False], runs[True]
-    assert all(torch.equal(kept[k], over[k]) for k in ("loss", "cls", "query"))
-    assert all(torch.equal(kept_centers[k], centers[k]) for k in centers)  # the centers saw the raw outputs
-    assert all(torch.equal(a, b) for a, b in zip(kept_grads, grads))
-    assert all(torch.equal(a, b) for a, b in zip(untouched, teacher + teacher_q))  # not asked: left as they were
-    # asked: the probabilities (with the center before its update), in the teacher's own memory (then the gradient)
-    torch.testing.assert_close(written[0], torch.softmax((teacher[0] - center) / 0.04, -1))
-    torch.testing.assert_close(written[-1].sum(-1), torch.ones(3, 5))
-    bf16 = [x.bfloat16() for x in teacher]  # as under autocast: fp32 probabilities do not go into bf16 memory
-    ADCLRLoss(K)(student, bf16, 0.04, overwrite_teacher=True)
-    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(bf16, teacher))
-
-
-def test_a_second_backward_through_a_gradient_written_over_its_targets_raises():
-    student = [torch.randn(2, 4, K, requires_grad=True) for _ in range(2)]
-    loss = QueryLoss(K)(student, [torch.randn(2, 4, K) for _ in range(2)], 0.04)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
-
-
 def _patch_inputs(seed):
     torch.manual_seed(seed)
     student = [randn(3, 6, K) for _ in range(2)]

@@ -8,7 +8,6 @@ prototypes by `sinkhorn.sinkhorn_knopp` instead (DINOv2's option) and the center
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Mapping, Sequence
 
@@ -68,8 +67,7 @@ class _CenteredDistillation(nn.Module):
 
         Block by block of rows: a block's logits and log-probabilities exist only while its probabilities and
         entropies are computed, so the probabilities are the one full-size tensor made, and with ``overwrite`` (when
-        ``teacher`` has the probabilities' dtype) not even that: they are written over ``teacher``. Entropies from
-        log_softmax, not from the probabilities' log: a sharp teacher's probabilities underflow, their log does not.
+        ``teacher`` has the probabilities' dtype) not even that: they are written over ``teacher``.
         """
         rows = teacher.detach().reshape(-1, self.out_dim)
         dtype = torch.promote_types(rows.dtype, self.center.dtype)
@@ -80,10 +78,11 @@ class _CenteredDistillation(nn.Module):
         return probs.reshape(teacher.shape), entropy
 
     def centered_softmax(self, logits: torch.Tensor, teacher_temp: float, out: torch.Tensor) -> torch.Tensor:
-        """Writes one block of rows' centered, sharpened probabilities into ``out``; -> the sum of their entropies."""
-        logits = (logits - self.center).div_(teacher_temp)
-        out.copy_(F.softmax(logits, dim=-1))
-        return -dot(out.float(), F.log_softmax(logits, dim=-1).float())
+        """Writes one block of rows' centered, sharpened probabilities into ``out`` (which may be ``logits``); -> the sum
+        of their entropies, from the log-probabilities (a sharp teacher's probabilities underflow, their log does not)."""
+        log_probs = F.log_softmax(torch.sub(logits, self.center, out=out).div_(teacher_temp), dim=-1)
+        torch.exp(log_probs, out=out)
+        return -dot(out.float(), log_probs.float())
 
     def teacher_distributions(self, teacher_views: Sequence[torch.Tensor], teacher_temp: float,
                               overwrite: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -175,11 +174,7 @@ def _cross_view_ce(teacher_probs: Sequence[torch.Tensor], student_logits: Sequen
                   for b, views in enumerate(partners)]
     rows = student_logits[0].numel() // student_logits[0].shape[-1]
     pairs = sum(map(len, partners))
-    # The targets are the loss's own (fresh probabilities, or teacher outputs handed over); one read by a single
-    # student view may take that view's gradient in its place.
-    readers = collections.Counter(id(q) for q in paired)
-    total = sum(_SoftmaxCrossEntropy.apply(s, q, student_temp, readers[id(q)] == 1)
-                for q, s in zip(paired, student_logits) if q is not None)
+    total = sum(_SoftmaxCrossEntropy.apply(s, q, student_temp) for q, s in zip(paired, student_logits) if q is not None)
     return total / (rows * pairs)
 
 
@@ -190,38 +185,25 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     turn (of the product, of log_softmax, of the division). Here both passes run over blocks of rows (`SOFTMAX_BLOCK`
     elements): the forward keeps only the sum, and the backward recomputes each block's softmax from the logits, which
     the network's output dict holds anyway, and finishes the gradient in place:
-    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. With ``reuse_targets`` (targets that
-    nothing reads after this backward, in the gradient's dtype) the gradient is written over the targets, so the
-    backward allocates no full-size tensor either; a second backward through it then raises. Softmaxes run in fp32 at
-    least, as under autocast.
+    d/d logits = (softmax(logits / temp) * rowsum(targets) - targets) / temp. Softmaxes run in fp32 at least, as
+    under autocast. (Training uses `_FusedLastLayerCE`, which makes no full-size logits at all.)
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float, reuse_targets: bool = False
-                ) -> torch.Tensor:
-        # targets carry no gradient and may be views of teacher outputs the loss writes over later (another term's
-        # probabilities share their version counter), so they are kept as they are, not version-checked
-        ctx.save_for_backward(logits)
-        dtype = _at_least_fp32(logits)
-        ctx.targets, ctx.temp = targets, temp
-        ctx.reuse_targets = reuse_targets and targets.dtype == dtype and targets.is_contiguous()
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        ctx.temp = temp
         blocks = zip(_blocks(logits), _blocks(targets))
-        return -sum(dot(t, F.log_softmax(s / temp, dim=-1, dtype=dtype)) for s, t in blocks)
+        return -sum(dot(t, F.log_softmax(s / temp, dim=-1, dtype=_at_least_fp32(logits))) for s, t in blocks)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (logits,), targets = ctx.saved_tensors, ctx.targets
-        if targets is None:
-            raise RuntimeError("backward ran twice through a cross-entropy whose gradient took its targets' memory; "
-                               "compute the loss again instead of retaining its graph")
-        if ctx.reuse_targets:
-            grad_logits, ctx.targets = targets, None
-        else:
-            grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=_at_least_fp32(logits), device=logits.device)
         for s, t, g in zip(_blocks(logits), _blocks(targets), _blocks(grad_logits)):
             probs = F.softmax(s / ctx.temp, dim=-1, dtype=g.dtype)
-            _ce_gradient_(probs, t, out=g).mul_(grad / ctx.temp)  # g may be t itself
-        return grad_logits.to(logits.dtype), None, None, None
+            _ce_gradient_(probs, t, out=g).mul_(grad / ctx.temp)
+        return grad_logits.to(logits.dtype), None, None
 
 
 class _TeacherRows:
@@ -298,7 +280,7 @@ class _FusedLastLayerCE(torch.autograd.Function):
                         d = _ce_gradient_(log_probs.exp_(), targets, out=log_probs).mul_(weight / (mean * student_temp))
                         g[rows_j] = d @ w
                         if grad_w is not None:
-                            grad_w.addmm_(d.T, z)
+                            torch.addmm(grad_w, d.T, z, out=grad_w)  # not addmm_: FLOP counters see this one
                 values.append(total / mean)
         ctx.grads, ctx.prototypes_dtype = (grad_w, grads), prototypes.dtype
         values = torch.stack(values)
@@ -318,14 +300,13 @@ class _FusedLastLayerCE(torch.autograd.Function):
 class DINOClsLoss(_CenteredDistillation):
     """DINO's [CLS] loss: every teacher global view supervises every *other* student crop."""
 
-    def forward(self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], teacher_temp: float,
-                overwrite_teacher: bool = False) -> torch.Tensor:
-        """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view (written
-        over by its probabilities with ``overwrite_teacher``)."""
+    def forward(self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], teacher_temp: float
+                ) -> torch.Tensor:
+        """`student_out`: (B, K) per crop, the 2 global views first; `teacher_out`: (B, K) per global view."""
         self._check("student_out", student_out, 2)
         self._check("teacher_out", teacher_out, 2)
         sums = self.center_sums(teacher_out)
-        probs, entropy = self.teacher_distributions(teacher_out, teacher_temp, overwrite_teacher)
+        probs, entropy = self.teacher_distributions(teacher_out, teacher_temp)
         loss = _cross_view_ce(probs, student_out, self.student_temp)
         self.stats = teacher_stats(probs, entropy, loss)
         self.update_center(sums)
@@ -338,10 +319,9 @@ class QueryLoss(_CenteredDistillation):
     The same query crops ride along with every view, so the pairs are positives by construction.
     """
 
-    def forward(self, student_q: Sequence[torch.Tensor], teacher_q: Sequence[torch.Tensor], teacher_temp: float,
-                overwrite_teacher: bool = False) -> torch.Tensor:
-        """`student_q`, `teacher_q`: (B, r, K) per view, the same r queries in the same order in every view (`teacher_q`
-        written over by its probabilities with ``overwrite_teacher``)."""
+    def forward(self, student_q: Sequence[torch.Tensor], teacher_q: Sequence[torch.Tensor], teacher_temp: float
+                ) -> torch.Tensor:
+        """`student_q`, `teacher_q`: (B, r, K) per view, the same r queries in the same order in every view."""
         self._check("student_q", student_q, 3)
         self._check("teacher_q", teacher_q, 3)
         if len({t.shape[:2] for t in [*student_q, *teacher_q]}) != 1:
@@ -355,7 +335,7 @@ class QueryLoss(_CenteredDistillation):
             loss = torch.stack([s.sum() for s in student_q]).sum() * 0.0
             self.stats = {}
         else:
-            probs, entropy = self.teacher_distributions(teacher_q, teacher_temp, overwrite_teacher)
+            probs, entropy = self.teacher_distributions(teacher_q, teacher_temp)
             loss = _cross_view_ce(probs, student_q, self.student_temp)
             self.stats = teacher_stats(probs, entropy, loss)
         self.update_center(sums)
@@ -444,12 +424,9 @@ class ADCLRLoss(nn.Module):
         *,
         query_teacher_temp: float | None = None,
         patch_teacher_temp: float | None = None,
-        overwrite_teacher: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Returns {'loss', 'cls', 'query', 'patch'}; absent terms are 0. The query and patch teacher
-        temperatures default to `teacher_temp`. With ``overwrite_teacher`` the teacher's [CLS] and query outputs are
-        written over by their probabilities (with a center, in the probabilities' dtype): their memory is reused, so
-        pass it only for outputs nobody reads afterwards.
+        temperatures default to `teacher_temp`.
         """
         if (student_q is None) != (teacher_q is None):
             raise ValueError("ADCLRLoss: pass both `student_q` and `teacher_q`, or neither (no query loss).")
@@ -460,12 +437,12 @@ class ADCLRLoss(nn.Module):
 
         for term in (self.query, self.patch):  # stats only for the terms this call computes
             term.stats = {}
-        cls = self.cls(student_cls, teacher_cls, teacher_temp, overwrite_teacher)
+        cls = self.cls(student_cls, teacher_cls, teacher_temp)
         zero = cls.new_zeros(())
         query = zero
         if student_q is not None and teacher_q is not None:
             q_temp = teacher_temp if query_teacher_temp is None else query_teacher_temp
-            query = self.query(student_q, teacher_q, q_temp, overwrite_teacher)
+            query = self.query(student_q, teacher_q, q_temp)
         loss = cls + self.lambda_q * query
         patch = zero
         if student_patches is not None and teacher_patches is not None and masks is not None:
@@ -475,8 +452,7 @@ class ADCLRLoss(nn.Module):
         return {"loss": loss, "cls": cls, "query": query, "patch": patch}
 
     def from_outputs(self, student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
-                     teacher_temp: float, masks: Sequence[torch.Tensor] | None = None,
-                     overwrite_teacher: bool = False) -> dict[str, torch.Tensor]:
+                     teacher_temp: float, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The terms from the networks' output dicts ('cls', 'query', 'patch' lists, as `SSLNetwork` returns them);
         queries count when the teacher has query outputs, patches when ``masks`` are given (iBOT). Outputs of networks
         that stop at the bottleneck (with 'prototypes', see `SSLNetwork`) go through the fused path (`fused`)."""
@@ -485,8 +461,7 @@ class ADCLRLoss(nn.Module):
         with_q = bool(teacher["query"])
         return self(student["cls"], teacher["cls"], teacher_temp,
                     student["query"] if with_q else None, teacher["query"] if with_q else None,
-                    student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None,
-                    overwrite_teacher=overwrite_teacher)
+                    student["patch"] if masks else None, teacher["patch"] if masks else None, masks or None)
 
     def fused(self, student: Mapping[str, Sequence[torch.Tensor]], teacher: Mapping[str, Sequence[torch.Tensor]],
               teacher_temp: float, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
