@@ -154,3 +154,22 @@ def test_the_fused_path_names_mismatched_outputs():
         teacher = step.teacher(data["global"], data["queries"][:, :2], last_layer=False)
     with pytest.raises(ValueError, match="every 'query' view must have the same rows"):
         ADCLRLoss(64).from_outputs(student, teacher, 0.04)
+
+
+def test_the_fused_path_keeps_fp32_under_bf16_autocast():
+    step = make_step()
+    data = batch()
+    losses_by_precision = []
+    for bf16 in (False, True):
+        step.student.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            student = step.student(data["global"], data["queries"], data["local"], last_layer=False)
+            with torch.no_grad():
+                teacher = step.teacher(data["global"], data["queries"], last_layer=False)
+            terms = ADCLRLoss(64).from_outputs(student, teacher, 0.04)
+        terms["loss"].backward()
+        assert (student["cls"][0].dtype == torch.bfloat16) == bf16  # the head ran under autocast
+        assert terms["loss"].dtype == terms["query"].dtype == torch.float32
+        assert step.student.head.last_layer.parametrizations.weight.original1.grad.dtype == torch.float32
+        losses_by_precision.append(terms["loss"].item())
+    assert losses_by_precision[1] == pytest.approx(losses_by_precision[0], rel=1e-2)

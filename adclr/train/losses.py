@@ -282,10 +282,11 @@ class _FusedLastLayerCE(torch.autograd.Function):
                         if grad_w is not None:
                             torch.addmm(grad_w, d.T, z, out=grad_w)  # not addmm_: FLOP counters see this one
                 values.append(total / mean)
+            values = torch.stack(values)
+            total = values @ values.new_tensor([weight for *_, weight in terms])
         ctx.grads, ctx.prototypes_dtype = (grad_w, grads), prototypes.dtype
-        values = torch.stack(values)
         ctx.mark_non_differentiable(values)
-        return values @ values.new_tensor([weight for *_, weight in terms]), values
+        return total, values
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _) -> tuple[torch.Tensor | None, ...]:
