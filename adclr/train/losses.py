@@ -154,7 +154,7 @@ def _partners(num_teacher: int, num_student: int) -> list[list[int]]:
 
 def _ce_gradient_(probs: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """d/d(logits / temp) of ``-targets . log_softmax(logits / temp)`` for one block of rows, from the block's softmax
-    (overwritten): ``probs * rowsum(targets) - targets``, into ``out`` (which may be ``probs`` or ``targets``)."""
+    (overwritten): ``probs * rowsum(targets) - targets``, into ``out`` (which may be ``probs``)."""
     return torch.sub(probs.mul_(targets.sum(-1, keepdim=True)), targets, out=out)
 
 
