@@ -78,8 +78,9 @@ class _CenteredDistillation(nn.Module):
         return probs.reshape(teacher.shape), entropy
 
     def centered_softmax(self, logits: torch.Tensor, teacher_temp: float, out: torch.Tensor) -> torch.Tensor:
-        """Writes one block of rows' centered, sharpened probabilities into ``out`` (which may be ``logits``); -> the sum
-        of their entropies, from the log-probabilities (a sharp teacher's probabilities underflow, their log does not)."""
+        """Writes one block of rows' centered, sharpened probabilities into ``out`` (which may be ``logits``); -> the
+        sum of their entropies, from the log-probabilities (a sharp teacher's probabilities underflow, their log
+        does not)."""
         log_probs = F.log_softmax(torch.sub(logits, self.center, out=out).div_(teacher_temp), dim=-1)
         torch.exp(log_probs, out=out)
         return -dot(out.float(), log_probs.float())
