@@ -156,7 +156,8 @@ class Trainer:
             masks = GlobalViewMasks((cfg.img_size // patch, cfg.img_size // patch), cfg.mask_ratio, cfg.mask_probability)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                             collate_fn=functools.partial(collate_multicrop, masks=masks), drop_last=True,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda",
+                            persistent_workers=cfg.workers > 0)  # no fork and re-fill of the workers every epoch
         return dataset, sampler, loader
 
     def _resume(self) -> None:
