@@ -332,3 +332,22 @@ def test_centers_are_all_reduced_over_two_gloo_processes(tmp_path):
         assert torch.equal(states[0][name], states[1][name]), name
         torch.testing.assert_close(states[0][name], union, atol=1e-6, rtol=1e-6)
         assert not torch.allclose(states[0][name], rank0_alone, atol=1e-3), name
+
+
+def test_tf32_matmuls_are_allowed_only_inside_and_the_setting_comes_back_even_after_an_error():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        with losses._tf32_matmuls(True):
+            assert matmul.allow_tf32
+        assert not matmul.allow_tf32
+        with pytest.raises(ValueError), losses._tf32_matmuls(True):
+            raise ValueError("inside")
+        assert not matmul.allow_tf32
+        matmul.allow_tf32 = True  # a caller who allowed TF32 keeps it
+        with losses._tf32_matmuls(False):
+            assert matmul.allow_tf32
+        assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before

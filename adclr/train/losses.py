@@ -8,8 +8,9 @@ prototypes by `sinkhorn.sinkhorn_knopp` instead (DINOv2's option) and the center
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,17 @@ def _blocks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _at_least_fp32(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Let CUDA's fp32 matmuls run on TF32 tensor cores while inside (when ``enabled``), then restore the setting."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -249,7 +261,9 @@ class _FusedLastLayerCE(torch.autograd.Function):
     Each block's logit gradient, (softmax * rowsum(targets) - targets) / temp, is turned at once into the features'
     gradient (G W) and added into the weight's (G^T z, one K x C buffer for every term): no full-size logits,
     probabilities or gradient exist, and the backward only scales. The terms are weighted inside, so one buffer serves
-    them all; the values it returns beside the total are detached. Runs in fp32 at least, autocast or not.
+    them all; the values it returns beside the total are detached. Runs in fp32 at least, autocast or not; under CUDA
+    autocast (a reduced precision the caller chose) its matmuls may use TF32, which keeps more of the logits' mantissa
+    than the bf16 last layer of the logits path and runs on the tensor cores (DINOv2 trains with TF32 on throughout).
     """
 
     @staticmethod
@@ -257,7 +271,8 @@ class _FusedLastLayerCE(torch.autograd.Function):
                 *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`terms`: per term, the positions of its student views in `features`, its teacher rows, the student's
         temperature and the term's weight in the total."""
-        with torch.autocast(prototypes.device.type, enabled=False):
+        reduced = prototypes.is_cuda and torch.is_autocast_enabled()  # CUDA's autocast
+        with torch.autocast(prototypes.device.type, enabled=False), _tf32_matmuls(reduced):
             w = prototypes.detach().to(_at_least_fp32(prototypes))
             grad_w = torch.zeros_like(w) if ctx.needs_input_grad[0] else None
             grads = [torch.zeros_like(f) for f in features]
