@@ -78,7 +78,8 @@ step data_log 75 python3 benchmarks/bench_data.py --recipes "${RECIPES[@]}" --fa
 
 if [[ -d "$FASHION_MNIST" ]]; then
     STUDY_RUNS=(${STUDY_RUNS:-random_init supervised_s0 supervised_global_s0 dino_s0 adclr_s0})
-    STUDY_TMP="${TMPDIR:-/tmp}/adclr-gpu-study"  # scenes and checkpoints: not brought back
+    # scenes and checkpoints: not brought back, and new each time (a run left by an earlier call would be resumed)
+    STUDY_TMP="$(mktemp -d "${TMPDIR:-/tmp}/adclr-gpu-study.XXXXXX")"
     if (( ${#QUICK[@]} )); then
         STUDY_ARGS=(--budget-minutes 0.2 --workers 1 --images 128 --quick)
     else
@@ -86,6 +87,7 @@ if [[ -d "$FASHION_MNIST" ]]; then
     fi
     step study 270 python3 benchmarks/study.py --fashion-mnist "$FASHION_MNIST" --out "$OUT/study" \
         --data "$STUDY_TMP/data" --runs-dir "$STUDY_TMP/runs" "${STUDY_ARGS[@]}" --runs "${STUDY_RUNS[@]}"
+    rm -rf "$STUDY_TMP"
 fi
 
 echo "results in $OUT"
