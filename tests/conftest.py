@@ -85,6 +85,12 @@ class LocalHub:
             self.process.wait(timeout=20)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's Hub cache and git repos (about 70 MB) go with it; pytest's own tmp_path folders are kept as
+    pytest keeps them (the last three sessions)."""
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture
 def one_thread():
     """Transforms run single-threaded, as in DataLoader workers; threads only add overhead on tiny images."""
