@@ -35,6 +35,10 @@ if [[ "${1:-}" == "--quick" ]]; then
     LIMITS=0
     shift
 fi
+if [[ "${1:-}" == -* || $# -gt 1 ]]; then
+    echo "usage: bash benchmarks/gpu.sh [--quick] [RESULTS_DIR]; got: $*" >&2
+    exit 2
+fi
 OUT="${1:-benchmarks/results/gpu}"
 FASHION_MNIST="${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
 mkdir -p "$OUT"
