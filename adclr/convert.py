@@ -123,8 +123,8 @@ def _fit_pos_embed(pos_embed: torch.Tensor, model: VisionTransformer, dino_inter
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     side = math.isqrt(pos_embed.shape[1] - num_prefix)
     if side * side != pos_embed.shape[1] - num_prefix:
-        raise InvalidSettingError(f"pos_embed has {pos_embed.shape[1] - num_prefix} patch positions, not a square grid; "
-                                  "convert to the img_size the checkpoint was trained at.")
+        raise InvalidSettingError(f"pos_embed has {pos_embed.shape[1] - num_prefix} patch positions, not a square "
+                                  "grid; convert to the img_size the checkpoint was trained at.")
     grid = tuple(model.patch_embed.grid_size)
     if dino_interpolation:
         return dino_resample_pos_embed(pos_embed, grid, num_prefix)

@@ -53,14 +53,14 @@ def _to_input(batch: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.T
     """uint8 (B, H, W, 3) arrays -> normalised float (B, 3, H, W); float tensors are taken as normalised already."""
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise InvalidSettingError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; convert "
-                                      "gray items with adclr.scenes.items_to_rgb")
+            raise InvalidSettingError(f"numpy images must be uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}; "
+                                      "convert gray items with adclr.scenes.items_to_rgb")
         return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
     if isinstance(batch, torch.Tensor) and batch.is_floating_point() and batch.ndim == 4 and batch.shape[1] == 3:
         return batch.to(device)
     got = f"{batch.dtype} {tuple(batch.shape)}" if hasattr(batch, "shape") else type(batch).__name__
-    raise InvalidSettingError(f"images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) tensors, "
-                              f"got {got}")
+    raise InvalidSettingError("images must be uint8 (N, H, W, 3) numpy arrays or normalised float (N, 3, H, W) "
+                              f"tensors, got {got}")
 
 
 def _extract(model: nn.Module, images: Images, key: str, batch_size: int, size: int | tuple[int, int] | None,
@@ -124,7 +124,8 @@ def _folder_splits(root: Path, model: nn.Module, cfg: EvalConfig) -> tuple[dict[
     test = ImageFolder(test_dir, transform, labels="parent_dir")
     unknown = sorted(set(test.classes) - set(train.classes))
     if unknown:
-        raise InvalidSettingError(f"{test_dir} has classes {unknown} that {root / 'train'} lacks; give both the same classes")
+        raise InvalidSettingError(f"{test_dir} has classes {unknown} that {root / 'train'} lacks; give both the "
+                                  "same classes")
     remap = [train.class_to_idx[name] for name in test.classes]
     splits = {}
     for name, dataset, limit in (("train", train, cfg.limit_train), ("test", test, cfg.limit_test)):
@@ -142,21 +143,24 @@ def _load_data(data: str | os.PathLike | Mapping, task: str, model: nn.Module,
     root = fashion.DEFAULT_ROOT if cfg.data_root is None else cfg.data_root
     if isinstance(data, Mapping):
         if not {"train", "test"} <= data.keys():
-            raise InvalidSettingError(f"a data mapping needs 'train' and 'test' entries of (images, targets), got {list(data)}")
+            raise InvalidSettingError("a data mapping needs 'train' and 'test' entries of (images, targets), got "
+                                      f"{list(data)}")
         splits = {name: (data[name][0], torch.as_tensor(np.asarray(data[name][1]), dtype=torch.int64))
                   for name in ("train", "test")}
         ignore = IGNORE_INDEX if task == "seg" else None
         return splits, count_classes(None, *(targets for _, targets in splits.values()), ignore_index=ignore)
     if data == "fashion-scenes":
         if task != "seg":
-            raise InvalidSettingError("data='fashion-scenes' is for the seg task; use data='fashion-mnist' for knn/linear")
+            raise InvalidSettingError("data='fashion-scenes' is for the seg task; use data='fashion-mnist' for "
+                                      "knn/linear")
         splits = {}
         for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
             images, masks = fashion.fashion_scenes(split, n, size=cfg.scene_size, root=root)
             splits[split] = (images, torch.from_numpy(masks))
         return splits, fashion.NUM_SCENE_CLASSES
     if task == "seg":
-        raise InvalidSettingError(f"the seg task needs data='fashion-scenes' or a mapping of (images, masks); got {data!r}")
+        raise InvalidSettingError("the seg task needs data='fashion-scenes' or a mapping of (images, masks); got "
+                                  f"{data!r}")
     if data == "fashion-mnist":
         splits = {}
         for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_test)):
@@ -178,7 +182,8 @@ def _setting(default: Any, help: str, type: type | None = None, **argparse: Any)
 @dataclass
 class EvalConfig:
     """Every knob of ``evaluate`` in one place; ``adclr eval`` makes one flag per field (--limit-train for
-    limit_train), as ``adclr train`` does from ``TrainConfig``. Probe settings left as None take the probe's defaults."""
+    limit_train), as ``adclr train`` does from ``TrainConfig``. Probe settings left as None take the probe's
+    defaults."""
     pretrained: bool = _setting(False, "load the timm name's pretrained weights")
     data_root: str | None = _setting(None, "folder of the Fashion-MNIST idx files "
                                            "(default /usr/share/datasets/fashion-mnist)", str)
@@ -230,7 +235,8 @@ def evaluate(model_spec: str | os.PathLike | nn.Module, task: str, data: str | o
     """
     known = {f.name for f in fields(EvalConfig)}
     if set(settings) - known:
-        raise InvalidSettingError(f"unknown evaluate setting(s) {sorted(set(settings) - known)}; known: {sorted(known)}")
+        raise InvalidSettingError(f"unknown evaluate setting(s) {sorted(set(settings) - known)}; known: "
+                                  f"{sorted(known)}")
     cfg = replace(config or EvalConfig(), **settings)
     if task not in TASKS:
         raise InvalidSettingError(f"task={task!r} is not supported; use one of {TASKS}")

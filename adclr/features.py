@@ -2,8 +2,9 @@
 
 Evaluation (`adclr.evaluate`), the demo and ``adclr features`` all extract here, so one rule decides what a model sees.
 Any image size works with any timm ViT, fixed-size ones included: for the duration of a call the model runs in timm's
-dynamic-size mode (`adclr.vit.any_input_size`: the position embedding is resampled to the grid, bicubic) and every attribute
-touched is restored afterwards. At the model's native size the tokens are exactly those of ``forward_features``.
+dynamic-size mode (`adclr.vit.any_input_size`: the position embedding is resampled to the grid, bicubic) and every
+attribute touched is restored afterwards. At the model's native size the tokens are exactly those of
+``forward_features``.
 
 Patch geometry: an input of H x W pixels (after the optional resize to ``size``) is padded with zeros -- after
 normalisation, so with the mean colour -- on the right and bottom to a multiple of the patch size p. The grid is
@@ -73,7 +74,8 @@ def _inference(model: VisionTransformer, dtype: torch.dtype = torch.float32) -> 
     model.eval()
     device = next(model.parameters()).device.type
     try:
-        with torch.no_grad(), any_input_size(model), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad(), any_input_size(model), torch.autocast(device, dtype=dtype,
+                                                                    enabled=dtype != torch.float32):
             yield model
     finally:
         model.train(was_training)
@@ -93,7 +95,8 @@ def _target_size(height: int, width: int, size: Size) -> tuple[int, int]:
             return size, max(1, round(width * size / height))
         return max(1, round(height * size / width)), size
     if len(size) != 2 or min(size) < 1:
-        raise InvalidSettingError(f"size={size!r} must be an int (shorter side), an (H, W) pair of positive ints, or None")
+        raise InvalidSettingError(f"size={size!r} must be an int (shorter side), an (H, W) pair of positive ints, "
+                                  "or None")
     return int(size[0]), int(size[1])
 
 
@@ -102,8 +105,9 @@ def _normalised(model: nn.Module, image: ImageLike | Tensor) -> Tensor:
     if isinstance(image, Tensor):
         x = image.unsqueeze(0) if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[:2] != (1, 3) or not x.is_floating_point():
-            raise InvalidSettingError(f"one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got {x.dtype} "
-                                      f"{tuple(image.shape)}; give batches to extract_features and raw images as PIL/paths")
+            raise InvalidSettingError("one image must be a normalised float (3, H, W) or (1, 3, H, W) tensor, got "
+                                      f"{x.dtype} {tuple(image.shape)}; give batches to extract_features and raw "
+                                      "images as PIL/paths")
         return x
     if isinstance(image, str | os.PathLike):
         image = load_rgb(Path(image))
@@ -140,8 +144,8 @@ def _block_indices(model: VisionTransformer, layers: Sequence[int]) -> list[int]
     depth = len(model.blocks)
     bad = [i for i in layers if not -depth <= i < depth]
     if bad:
-        raise InvalidSettingError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices 0..{depth - 1} "
-                                  f"(or -{depth}..-1 from the end)")
+        raise InvalidSettingError(f"layers {bad} do not exist: the model has {depth} blocks, so use indices "
+                                  f"0..{depth - 1} (or -{depth}..-1 from the end)")
     return sorted({i % depth for i in layers})
 
 
@@ -167,11 +171,11 @@ def extract_features(model: nn.Module, images: Tensor | ImageLike | Sequence[Ima
     """Patch features of any images: ``{'cls': (B, C), 'patch': (B, C, h, w), 'layer<i>': (B, C, h, w)...}``.
 
     ``images``: a normalised float batch (B, 3, H, W) or (3, H, W), one PIL image or path, or a list of PIL images /
-    paths / (3, H, W) tensors of any sizes. A tensor or a single image gives one batched dict; a list gives a list of dicts, one per
-    image (each with B = 1), computed in batches of equal-size images. ``size``: None keeps each image's size, an int
-    resizes the shorter side to it (aspect kept), (H, W) resizes exactly; the grid and the patch-to-pixel mapping
-    are in the module docstring. ``cls`` is the model's pooled embedding (the [CLS] token after the final norm for
-    ADCLR/DINO ViTs) and ``patch`` the last block's patch tokens after the final norm. ``layers``: block indices
+    paths / (3, H, W) tensors of any sizes. A tensor or a single image gives one batched dict; a list gives a list of
+    dicts, one per image (each with B = 1), computed in batches of equal-size images. ``size``: None keeps each image's
+    size, an int resizes the shorter side to it (aspect kept), (H, W) resizes exactly; the grid and the patch-to-pixel
+    mapping are in the module docstring. ``cls`` is the model's pooled embedding (the [CLS] token after the final norm
+    for ADCLR/DINO ViTs) and ``patch`` the last block's patch tokens after the final norm. ``layers``: block indices
     (0-based, negative from the end) whose patch maps to add as ``layer<i>`` (i non-negative), through timm's
     ``forward_intermediates``; ``norm`` applies the final norm to them. ``dtype``: the compute precision, 'fp32' (the
     model as it is), 'bf16' or 'fp16' (under torch.autocast on the model's device; on a CPU without bf16/fp16
@@ -254,8 +258,9 @@ def _checked_boxes(boxes: Tensor | np.ndarray | Sequence, height: int, width: in
                                       "(torchvision's x1, y1, x2, y2 order)")
     outside = (x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)
     if outside.any():
-        raise InvalidSettingError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) image; "
-                                  f"clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the input image)")
+        raise InvalidSettingError(f"boxes {outside.nonzero().flatten().tolist()} leave the {width}x{height} (W x H) "
+                                  f"image; clip them to 0 <= x <= {width}, 0 <= y <= {height} (coordinates of the "
+                                  "input image)")
     return torch.cat([boxes[:, :2].floor(), boxes[:, 2:].ceil()], dim=1).long()
 
 

@@ -1,4 +1,5 @@
-"""Any backbone spec -> a timm model without classifier: a timm name, ``local-dir:``/``hf-hub:`` or a training checkpoint.
+"""Any backbone spec -> a timm model without classifier: a timm name, ``local-dir:``/``hf-hub:`` or a training
+checkpoint.
 
 The inference side (features, evaluation, demo, CLI) loads models only through here, so it never imports the training
 package: a training checkpoint is read as plain tensors plus the config dict it stores.
@@ -33,8 +34,8 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
                               "`adclr convert`.") from None
     missing = {"student", "teacher", "config", "epoch"} - set(checkpoint)
     if missing:
-        raise CheckpointError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints go "
-                              "through `adclr convert`.")
+        raise CheckpointError(f"{path} lacks {sorted(missing)}: not an adclr training checkpoint. Foreign checkpoints "
+                              "go through `adclr convert`.")
     return checkpoint
 
 
@@ -42,8 +43,8 @@ def create_vit(arch: str, *, img_size: int, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model(arch)`` without classifier and weights, checked to be a ViT (ADCLR's queries need one)."""
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
     if not isinstance(backbone, VisionTransformer):  # checked here to name the arch; adclr.vit checks given models
-        raise UnsupportedModelError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm VisionTransformer "
-                                    "(e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
+        raise UnsupportedModelError(f"--arch {arch} builds a {type(backbone).__name__}; ADCLR needs a timm "
+                                    "VisionTransformer (e.g. adclr_vit_small, vit_small_patch16_224, test_vit).")
     return backbone
 
 

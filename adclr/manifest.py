@@ -82,8 +82,8 @@ def parse_manifest(text: str, origin: str) -> dict[str, WeightsEntry]:
                 raise ManifestError(f"{where}: field '{key}' must be {kind.__name__}, got {table[key]!r}.")
         hub = [k for k in _HUB_SOURCE if k in table]
         if "file" in table and hub:
-            raise ManifestError(f"{where}: give either 'file' (embedded in the package) or {sorted(_HUB_SOURCE)} (a Hub "
-                                f"repo), not both.")
+            raise ManifestError(f"{where}: give either 'file' (embedded in the package) or {sorted(_HUB_SOURCE)} "
+                                "(a Hub repo), not both.")
         if "file" not in table and len(hub) != len(_HUB_SOURCE):
             missing = sorted(set(_HUB_SOURCE) - set(hub))
             raise ManifestError(f"{where}: missing required field(s) {missing} (or 'file' for weights embedded in the "

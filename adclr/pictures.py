@@ -55,14 +55,16 @@ def pca_image(patch_features: Tensor | Sequence[Tensor], *, foreground_threshold
     """
     if isinstance(patch_features, Tensor):
         if patch_features.ndim not in (3, 4):
-            raise InvalidSettingError(f"patch features must be (B, C, h, w) or (C, h, w), got {tuple(patch_features.shape)}")
+            raise InvalidSettingError("patch features must be (B, C, h, w) or (C, h, w), got "
+                                      f"{tuple(patch_features.shape)}")
         maps = list(patch_features) if patch_features.ndim == 4 else [patch_features]
     else:
         maps = list(patch_features)
         if not maps or any(m.ndim != 3 for m in maps):
             raise InvalidSettingError("a list of patch features must hold (C, h, w) maps, at least one")
     if maps[0].shape[0] < 3 or len({m.shape[0] for m in maps}) != 1:
-        raise InvalidSettingError(f"all maps need the same number C >= 3 of channels, got {sorted({m.shape[0] for m in maps})}")
+        raise InvalidSettingError("all maps need the same number C >= 3 of channels, got "
+                                  f"{sorted({m.shape[0] for m in maps})}")
     flat = torch.cat([rearrange(m, "c h w -> (h w) c") for m in maps]).detach().cpu().double()
     keep = torch.ones(len(flat), dtype=torch.bool)
     if foreground_threshold is not None:

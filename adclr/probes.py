@@ -35,12 +35,13 @@ def _check_pairs(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
                  label_dims: int) -> None:
     for name, x, y in (("train", train, train_labels), ("test", test, test_labels)):
         if len(x) != len(y) or len(x) == 0:
-            raise InvalidSettingError(f"{name}: {len(x)} feature rows for {len(y)} labels; pass one label per row, >= 1 row")
+            raise InvalidSettingError(f"{name}: {len(x)} feature rows for {len(y)} labels; pass one label per row, "
+                                      ">= 1 row")
         if y.ndim != label_dims:
             raise InvalidSettingError(f"{name} labels must be {label_dims}-d, got shape {tuple(y.shape)}")
     if train.shape[1] != test.shape[1]:
-        raise InvalidSettingError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract both with "
-                                  "the same model")
+        raise InvalidSettingError(f"train features have {train.shape[1]} channels, test {test.shape[1]}; extract "
+                                  "both with the same model")
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

@@ -38,16 +38,18 @@ def validate_folder(folder: str | Path) -> dict[str, Any]:
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as e:  # any failure here is what a user of the published repo would hit
-        raise InvalidSettingError(f"{folder} does not load with timm.create_model('local-dir:{folder}', pretrained=True): "
-                                  f"{type(e).__name__}: {e}. Re-export the folder.") from e
+        raise InvalidSettingError(f"{folder} does not load with timm.create_model('local-dir:{folder}', "
+                                  f"pretrained=True): {type(e).__name__}: {e}. Re-export the folder.") from e
     broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise InvalidSettingError(f"{folder}: non-finite values in {', '.join(broken)}; the source checkpoint is damaged.")
+        raise InvalidSettingError(f"{folder}: non-finite values in {', '.join(broken)}; the source checkpoint "
+                                  "is damaged.")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     license = config.get("pretrained_cfg", {}).get("license")
     if not license:
-        raise InvalidSettingError(f"{folder}/config.json states no license (pretrained_cfg.license); re-export the folder "
-                                  "with adclr.export.export_model(..., license=...) so the card and the manifest can name it.")
+        raise InvalidSettingError(f"{folder}/config.json states no license (pretrained_cfg.license); re-export "
+                                  "the folder with adclr.export.export_model(..., license=...) so the card and the "
+                                  "manifest can name it.")
     weights = folder / WEIGHTS_NAME
     return {"sha256": sha256_file(weights), "size_bytes": weights.stat().st_size,
             "architecture": config["architecture"], "adclr_architecture": config.get(ADCLR_ARCH_KEY, ""),
@@ -86,8 +88,8 @@ def publish(folder: str | Path, repo_id: str, *, name: str | None = None, revisi
     unless given.
     """
     if push and revision:
-        raise InvalidSettingError("revision names an existing commit; with push the entry pins the commit the push creates. "
-                                  "Pass one or the other.")
+        raise InvalidSettingError("revision names an existing commit; with push the entry pins the commit the push "
+                                  "creates. Pass one or the other.")
     info = validate_folder(folder)
     name = name or default_entry_name(info["adclr_architecture"], repo_id)
     if name.split(".")[0] not in TIMM_EQUIVALENT:

@@ -62,8 +62,8 @@ def embed_queries(vit: VisionTransformer, queries: Tensor, *, query_pos: str = '
     batch, num_queries, _, qh, qw = queries.shape
     ph, pw = patch_embed.patch_size
     if qh != qw or qh % ph or qw % pw:
-        raise InvalidSettingError(f'query crops are {qh}x{qw} px but must be square with a side that is a multiple of the '
-                                  f'patch size {ph}x{pw}; resize the crops to query_size = k * {ph} (k >= 1).')
+        raise InvalidSettingError(f'query crops are {qh}x{qw} px but must be square with a side that is a multiple '
+                                  f'of the patch size {ph}x{pw}; resize the crops to query_size = k * {ph} (k >= 1).')
     if query_pos not in QUERY_POS:
         raise InvalidSettingError(f'query_pos={query_pos!r} is not supported; use one of {QUERY_POS}.')
     if query_pos == 'cls' and (vit.cls_token is None or vit.pos_embed is None or vit.no_embed_class):

@@ -82,7 +82,8 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike = DEFAULT_R
                                   f"28x28 Fashion-MNIST items; replace the file")
     if len(labels) != len(images) or (len(labels) and labels.max() >= len(CLASSES)):
         raise InvalidSettingError(f"{paths[1]} does not match {paths[0]}: {len(labels)} labels (max "
-                                  f"{labels.max() if len(labels) else '-'}) for {len(images)} images; replace both files")
+                                  f"{labels.max() if len(labels) else '-'}) for {len(images)} images; replace both "
+                                  "files")
     return np.ascontiguousarray(images), labels.astype(np.int64)
 
 
@@ -125,7 +126,8 @@ def sample_layouts(num_items: int, n: int, size: int = 64, items_per_scene: tupl
     if not 1 <= lo <= hi:
         raise InvalidSettingError(f"items_per_scene={items_per_scene} must satisfy 1 <= min <= max, e.g. (2, 4)")
     if not 0 < scale[0] <= scale[1] <= 1:
-        raise InvalidSettingError(f"scale={scale} is the item side as a fraction of the scene side: 0 < min <= max <= 1")
+        raise InvalidSettingError(f"scale={scale} is the item side as a fraction of the scene side: "
+                                  "0 < min <= max <= 1")
     if num_items < 1:
         raise InvalidSettingError("make_scenes needs at least one item to paste")
     rng = np.random.default_rng([seed, 0])
@@ -180,8 +182,8 @@ def make_scenes(items: np.ndarray, labels: np.ndarray, n: int, size: int = 64,
     the mask alike. Deterministic in ``seed``; ``sample_layouts`` with the same arguments returns the placements.
     """
     if items.ndim != 3 or items.dtype != np.uint8 or len(items) != len(labels):
-        raise InvalidSettingError(f"items must be uint8 (N, H, W) with one label each, got {items.dtype} {items.shape} and "
-                                  f"{len(labels)} labels; pass load_fashion_mnist(split)")
+        raise InvalidSettingError(f"items must be uint8 (N, H, W) with one label each, got {items.dtype} "
+                                  f"{items.shape} and {len(labels)} labels; pass load_fashion_mnist(split)")
     labels = np.asarray(labels, dtype=np.int64)
     layouts = sample_layouts(len(items), n, size, items_per_scene, scale, seed)
     background_rng = np.random.default_rng([seed, 1])

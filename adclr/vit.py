@@ -24,11 +24,11 @@ from .errors import InvalidSettingError, UnsupportedModelError
 def check_vit(model: nn.Module, *, conv_patch_embed: bool = True) -> VisionTransformer:
     """``model`` if it is a timm ``VisionTransformer`` (with timm's conv ``PatchEmbed`` unless told otherwise)."""
     if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}; pass the plain backbone "
-                                    "(timm.create_model or adclr.load.load_model), not a wrapper around it.")
+        raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}; pass the plain "
+                                    "backbone (timm.create_model or adclr.load.load_model), not a wrapper around it.")
     if conv_patch_embed and not isinstance(model.patch_embed, PatchEmbed):
-        raise UnsupportedModelError(f"vit.patch_embed is {type(model.patch_embed).__name__}; this needs timm's PatchEmbed "
-                                    "(conv projection), so build the ViT with the default embed_layer.")
+        raise UnsupportedModelError(f"vit.patch_embed is {type(model.patch_embed).__name__}; this needs timm's "
+                                    "PatchEmbed (conv projection), so build the ViT with the default embed_layer.")
     return model
 
 
@@ -36,7 +36,8 @@ def check_standard_blocks(blocks: Iterable[nn.Module], user: str) -> None:
     """Code that re-implements ``Block``/``Attention.forward`` would be silently wrong on any other block type."""
     for i, blk in enumerate(blocks):
         if type(blk) is not Block or type(getattr(blk, "attn", None)) is not Attention:
-            raise UnsupportedModelError(f"vit.blocks[{i}] is {type(blk).__name__} with {type(getattr(blk, 'attn', None)).__name__};"
+            raise UnsupportedModelError(f"vit.blocks[{i}] is {type(blk).__name__} with "
+                                        f"{type(getattr(blk, 'attn', None)).__name__};"
                                         f" {user} supports only timm's standard Block with the standard Attention "
                                         "(block_fn=Block, attn_layer=Attention).")
 
@@ -93,7 +94,8 @@ def pad_to_patch(vit: VisionTransformer, x: Tensor) -> Tensor:
 
 
 def pooled_patch_tokens(vit: VisionTransformer, crops: Tensor) -> Tensor:
-    """Crops (n, 3, k*p, k*p) -> (n, C): the patch embedding (projection + norm) of each crop, mean over its k x k grid."""
+    """Crops (n, 3, k*p, k*p) -> (n, C): the patch embedding (projection + norm) of each crop, mean over its k x k
+    grid."""
     patch_embed = check_vit(vit).patch_embed
     grid = patch_embed.proj(crops)
     return patch_embed.norm(rearrange(grid, "n c h w -> n (h w) c")).mean(dim=1)
@@ -114,7 +116,8 @@ def tokens_before_blocks(vit: VisionTransformer, images: Tensor, *, extra: Tenso
         grid = x.shape[1:-1]
         if patch_mask.shape != (x.shape[0], grid.numel()):
             raise InvalidSettingError(f"patch_mask has shape {tuple(patch_mask.shape)} but the images give "
-                                      f"{(x.shape[0], grid.numel())} (B, N) patches; build it on the patch grid {tuple(grid)}.")
+                                      f"{(x.shape[0], grid.numel())} (B, N) patches; build it on the patch grid "
+                                      f"{tuple(grid)}.")
         if mask_token.numel() != x.shape[-1]:
             raise InvalidSettingError(f"mask_token has {mask_token.numel()} values but the embed dim is {x.shape[-1]}; "
                                       "pass a (1, 1, C) or (C,) tensor.")

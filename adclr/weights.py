@@ -160,9 +160,9 @@ def download_verified(entry: WeightsEntry) -> Path:
         if attempt == 1:
             path = _download(entry)  # the bad copy is gone, so this downloads (no force_download: offline refuses it)
     raise ChecksumMismatchError(
-        f"{entry.filename} of {entry.hf_hub_id}@{entry.revision} for {entry.name} has sha256 {actual}, but the manifest "
-        f"expects {entry.sha256} (checked twice, bad copies discarded). Either the repo changed under a pinned "
-        "revision or the manifest entry is wrong: fix the entry or the upload.")
+        f"{entry.filename} of {entry.hf_hub_id}@{entry.revision} for {entry.name} has sha256 {actual}, but the "
+        f"manifest expects {entry.sha256} (checked twice, bad copies discarded). Either the repo changed under a "
+        "pinned revision or the manifest entry is wrong: fix the entry or the upload.")
 
 
 def embedded_path(entry: WeightsEntry) -> Path:

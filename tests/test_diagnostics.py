@@ -75,7 +75,8 @@ def test_adclr_loss_reports_stats_per_term_and_only_for_computed_terms():
     terms = loss(cls_s, cls_t, 0.04, q_s, q_t, p_s, p_t, masks)
     stats = read_back(loss.stats())
     assert all(isinstance(v, float) for v in stats.values())
-    assert {f"{t}_{k}" for t in ("cls", "query", "patch") for k in ("teacher_entropy", "batch_entropy", "kl")} == set(stats)
+    assert {f"{t}_{k}" for t in ("cls", "query", "patch")
+            for k in ("teacher_entropy", "batch_entropy", "kl")} == set(stats)
     for name in ("cls", "query"):  # a cross-entropy is the teacher's entropy plus the KL
         assert stats[f"{name}_teacher_entropy"] + stats[f"{name}_kl"] == pytest.approx(float(terms[name]), rel=1e-5)
     no_queries = ADCLRLoss(K)

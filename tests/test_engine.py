@@ -122,7 +122,8 @@ def test_three_engine_steps_equal_plain_dino_from_the_same_start(photo_folder, t
                            warmup_epochs=0, momentum_teacher=0.9, epochs=3))
     student, teacher = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in student.named_parameters() if p.requires_grad and not (p.ndim > 1 and not n.endswith(".bias"))]
+    rest = [p for n, p in student.named_parameters()
+            if p.requires_grad and not (p.ndim > 1 and not n.endswith(".bias"))]
     optimizer = torch.optim.AdamW([{"params": decay, "decay": True}, {"params": rest, "decay": False}])
     center = torch.zeros(1, 64)
     batches = iter(trainer.loader)
@@ -265,7 +266,8 @@ def test_presets_set_their_recipe_and_explicit_settings_win(photo_folder, tmp_pa
     from adclr.train import PRESETS
 
     cfg = TrainConfig.from_preset("small", out_dim=64)
-    assert cfg.teacher_temp == cfg.warmup_teacher_temp == 0.02 and cfg.out_dim == 64 and cfg.lr == PRESETS["small"]["lr"]
+    assert (cfg.teacher_temp == cfg.warmup_teacher_temp == 0.02 and cfg.out_dim == 64
+            and cfg.lr == PRESETS["small"]["lr"])
     with pytest.raises(InvalidSettingError, match="unknown preset 'huge'"):
         TrainConfig.from_preset("huge")
     main(["train", "--preset", "small", "--data", str(photo_folder), "--output", str(tmp_path), "--arch", "test_vit",

@@ -185,7 +185,8 @@ def test_adclr_loss_with_zero_queries_equals_plain_dino():
     out = ADCLRLoss(K).double()(student, teacher, 0.04, student_q, teacher_q)
     plain = DINOClsLoss(K).double()(student, teacher, 0.04)
     assert torch.equal(out["loss"], plain) and torch.equal(out["cls"], plain)
-    assert abs(out["loss"].item() - ref_dino(student, teacher, torch.zeros(1, K, dtype=torch.float64), 0.04).item()) < 1e-12
+    assert abs(out["loss"].item()
+               - ref_dino(student, teacher, torch.zeros(1, K, dtype=torch.float64), 0.04).item()) < 1e-12
     assert out["query"].item() == 0.0 and out["patch"].item() == 0.0
     # Without any query inputs as well.
     assert torch.equal(ADCLRLoss(K).double()(student, teacher, 0.04)["loss"], plain)

@@ -24,7 +24,8 @@ knn = 70.1
 
 def test_good_manifest_parses():
     entry = parse_manifest(GOOD, "x.toml")["adclr_vit_small.in1k"]
-    assert (entry.arch, entry.tag, entry.size_bytes, entry.metrics["knn"]) == ("adclr_vit_small", "in1k", 88231616, 70.1)
+    assert (entry.arch, entry.tag, entry.size_bytes, entry.metrics["knn"]) == (
+        "adclr_vit_small", "in1k", 88231616, 70.1)
 
 
 def test_packaged_manifest_is_valid():
@@ -32,7 +33,8 @@ def test_packaged_manifest_is_valid():
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ('revision = "0123456789abcdef0123456789abcdef01234567"', 'revision = "main"', "field 'revision' must be a full 40-hex"),
+    ('revision = "0123456789abcdef0123456789abcdef01234567"', 'revision = "main"',
+     "field 'revision' must be a full 40-hex"),
     ('sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"', 'sha256 = "abc"', "field 'sha256'"),
     ("size_bytes = 88231616", 'size_bytes = "big"', "field 'size_bytes' must be int"),
     ("size_bytes = 88231616", "size_bytes = 0", "'size_bytes' must be positive"),
@@ -65,7 +67,8 @@ def test_env_override_is_validated_at_import(tmp_path):
 
 
 def test_embedded_entries_and_source_rules():
-    embedded = ENTRY.replace('hf_hub_id = "org/adclr-vit-small"\nrevision = "0123456789abcdef0123456789abcdef01234567"\n'
+    embedded = ENTRY.replace('hf_hub_id = "org/adclr-vit-small"\n'
+                             'revision = "0123456789abcdef0123456789abcdef01234567"\n'
                              'filename = "model.safetensors"\n', 'file = "assets/demo.safetensors"\n')
     entry = parse_manifest(embedded, "x.toml")["adclr_vit_small.in1k"]
     assert entry.embedded and entry.file == "assets/demo.safetensors" and entry.hf_hub_id == ""

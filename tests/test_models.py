@@ -11,7 +11,8 @@ import adclr  # noqa: F401
 
 
 def test_listed_with_timm():
-    assert {"adclr_vit_tiny", "adclr_vit_small", "adclr_vit_base", "adclr_vit_mini_patch8"} <= set(timm.list_models("adclr*"))
+    assert {"adclr_vit_tiny", "adclr_vit_small", "adclr_vit_base",
+            "adclr_vit_mini_patch8"} <= set(timm.list_models("adclr*"))
 
 
 @pytest.mark.parametrize("arch, reference", [
@@ -45,7 +46,8 @@ def test_dynamic_img_size_and_overrides():
 
 
 def test_pretrained_without_published_weights_says_so():
-    with pytest.raises(RuntimeError, match="No published weights for adclr_vit_base.*adclr train.*pretrained_cfg_overlay"):
+    with pytest.raises(RuntimeError,
+                       match="No published weights for adclr_vit_base.*adclr train.*pretrained_cfg_overlay"):
         timm.create_model("adclr_vit_base", pretrained=True)
 
 

@@ -98,7 +98,8 @@ def test_segmentation_scores_match_a_hand_computed_confusion_matrix():
     # IoU: class 0 = 1 / (2 + 2 - 1), class 1 = 2 / (2 + 3 - 2), class 2 = 2 / (3 + 2 - 2); class 3 left out
     assert scores["miou"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 2 / 3) / 3)
     assert scores["pixel_acc"] == pytest.approx(100 * 5 / 7)
-    # foreground = classes 1-3 merged: 5 pixels in the truth, 5 predicted, 4 both (one class-2 pixel called 0, one 0 called 1)
+    # foreground = classes 1-3 merged: 5 pixels in the truth, 5 predicted, 4 both
+    # (one class-2 pixel called 0, one 0 called 1)
     assert scores["fg_iou"] == pytest.approx(100 * 4 / (5 + 5 - 4))
     # a class predicted but absent from the ground truth counts with IoU 0
     # (GT class 0: 1 pixel right, 1 predicted as class 1 -> IoU 1/2 and 0/1)

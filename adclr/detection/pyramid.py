@@ -146,7 +146,8 @@ class SimpleFeaturePyramid(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
-        maps = self.backbone.forward_intermediates(pad_to_patch(self.backbone, x), indices=self.layer_indices, intermediates_only=True)
+        maps = self.backbone.forward_intermediates(pad_to_patch(self.backbone, x), indices=self.layer_indices,
+                                                   intermediates_only=True)
         if len(maps) == 1:
             maps = maps * len(self.stages)
         out = OrderedDict((str(i), stage(m)) for i, (stage, m) in enumerate(zip(self.stages, maps)))

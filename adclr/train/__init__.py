@@ -4,5 +4,5 @@ from ..errors import NonFiniteLossError
 from .engine import Trainer, train
 from ..queries import QUERY_ATTENDS, embed_queries, forward_with_queries, one_way_attention_mask
 
-__all__ = ["PRESETS", "QUERY_ATTENDS", "NonFiniteLossError", "TrainConfig", "Trainer", "embed_queries", "forward_with_queries",
-           "one_way_attention_mask", "train"]
+__all__ = ["PRESETS", "QUERY_ATTENDS", "NonFiniteLossError", "TrainConfig", "Trainer", "embed_queries",
+           "forward_with_queries", "one_way_attention_mask", "train"]

@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically, holding everything `--resume` needs; read by `adclr.load.read_training_checkpoint`.
+"""Training checkpoints: written atomically, holding everything `--resume` needs; read by
+`adclr.load.read_training_checkpoint`.
 
 Layout: {'student', 'teacher': SSLNetwork state dicts ('backbone.<timm key>', 'head.*', 'mask_token'), 'optimizer',
 'scaler', 'loss' (the centers), 'epoch' (epochs completed), 'step', 'rng', 'config', 'world' (processes), 'images'}.

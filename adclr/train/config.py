@@ -106,14 +106,16 @@ class TrainConfig:
         self.mask_ratio = tuple(self.mask_ratio)
         checks = [
             (self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}"),
-            (self.query_attends in QUERY_ATTENDS, f"query_attends must be one of {QUERY_ATTENDS}, got {self.query_attends!r}"),
+            (self.query_attends in QUERY_ATTENDS,
+             f"query_attends must be one of {QUERY_ATTENDS}, got {self.query_attends!r}"),
             (self.query_pos in QUERY_POS, f"query_pos must be one of {QUERY_POS}, got {self.query_pos!r}"),
             (self.num_queries >= 0, f"num_queries must be >= 0, got {self.num_queries}"),
             (self.centering in CENTERINGS, f"centering must be one of {CENTERINGS}, got {self.centering!r}"),
             (self.koleo_weight >= 0, f"koleo_weight must be >= 0, got {self.koleo_weight}"),
             (self.local_crops >= 0, f"local_crops must be >= 0, got {self.local_crops}"),
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"precision must be auto|fp32|bf16|fp16, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

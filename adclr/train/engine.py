@@ -153,7 +153,8 @@ class Trainer:
                                      drop_last=True)
         masks = None
         if cfg.variant == "ibot":
-            masks = GlobalViewMasks((cfg.img_size // patch, cfg.img_size // patch), cfg.mask_ratio, cfg.mask_probability)
+            masks = GlobalViewMasks((cfg.img_size // patch, cfg.img_size // patch), cfg.mask_ratio,
+                                    cfg.mask_probability)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                             collate_fn=functools.partial(collate_multicrop, masks=masks), drop_last=True,
                             pin_memory=self.device.type == "cuda",

@@ -28,7 +28,8 @@ class DINOHead(nn.Module):
     ) -> None:
         super().__init__()
         if nlayers < 1:
-            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}; use nlayers=1 for a single linear bottleneck.")
+            raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}; use nlayers=1 for a single linear "
+                             "bottleneck.")
         if nlayers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:

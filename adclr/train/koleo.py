@@ -34,5 +34,6 @@ def koleo_loss(embeddings: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def koleo_over_views(per_view: Sequence[Tensor]) -> Tensor:
-    """Sum of `koleo_loss` over the global views (DINOv2 sums over its two crops; its weight 0.1 means the same here)."""
+    """Sum of `koleo_loss` over the global views (DINOv2 sums over its two crops; its weight 0.1 means the same
+    here)."""
     return torch.stack([koleo_loss(v) for v in per_view]).sum()

@@ -449,7 +449,8 @@ class ADCLRLoss(nn.Module):
             raise ValueError("ADCLRLoss: pass both `student_q` and `teacher_q`, or neither (no query loss).")
         patch_inputs = (student_patches, teacher_patches, masks)
         if any(x is None for x in patch_inputs) and not all(x is None for x in patch_inputs):
-            raise ValueError("ADCLRLoss: pass all of `student_patches`, `teacher_patches` and `masks`, or none of them.")
+            raise ValueError("ADCLRLoss: pass all of `student_patches`, `teacher_patches` and `masks`, or none of "
+                             "them.")
         self._check_patch_inputs(masks)
 
         for term in (self.query, self.patch):  # stats only for the terms this call computes

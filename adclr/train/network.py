@@ -1,7 +1,8 @@
 """Student / teacher network: a plain timm ViT backbone plus the DINO head (plus iBOT's mask token).
 
 ADCLR adds no parameters: the query tokens go through the backbone's own patch embedding, blocks and final norm, and
-through the same head as [CLS]. The mask token exists only in the iBOT variant, and only here: export keeps the backbone.
+through the same head as [CLS]. The mask token exists only in the iBOT variant, and only here: export keeps the
+backbone.
 """
 from __future__ import annotations
 
