@@ -64,8 +64,7 @@ model = timm.create_model("hf-hub:ORG/REPO", pretrained=True)   # or "local-dir:
 ## Citation
 ```bibtex
 @inproceedings{{zhang2023adclr,
-  title={{Patch-Level Contrasting without Patch Correspondence for Accurate and Dense \
-Contrastive Representation Learning}},
+  title={{Patch-Level Contrasting without Patch Correspondence for Accurate and Dense Contrastive Representation Learning}},
   author={{Zhang, Shaofeng and Zhu, Feng and Zhao, Rui and Yan, Junchi}},
   booktitle={{ICLR}},
   year={{2023}}
