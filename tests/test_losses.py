@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -139,8 +141,10 @@ def test_query_loss_and_its_gradient_in_fp32_match_the_per_pair_formula(views, k
     reference_student = [s.detach().double().requires_grad_() for s in student]
     loss = loss_fn(student, teacher, 0.04)
     expected = plain_cross_view_ce(reference_student, teacher, center, 0.04)
-    # fp32 over ~10M products: the sum's rounding depends on how the dot products are split over threads
-    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-6 * abs(expected.item())
+    # each row's fp32 sums run over k positive terms: blocked summation keeps each within ~log2(k) eps of the exact
+    # sum, whichever way the threads split it (seen: 0.2-1.24 ppm over 1-8 threads at k = 65536; the bound 3.8 ppm)
+    tolerance = 2 * math.log2(k) * torch.finfo(torch.float32).eps
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < tolerance * abs(expected.item())
     loss.backward()
     expected.backward()
     for got, ref in zip(student, reference_student):
